@@ -1,0 +1,171 @@
+"""The `sfumato` command: one verb per job; each verb parses its options and calls the library.
+
+    sfumato data shapes --n 1000 --out data/shapes
+    sfumato data check data/shapes
+    sfumato train --data data/shapes --out models/mine --preset tiny
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import SfumatoError, UsageError
+
+app = typer.Typer(help="Learn, generate, search and explain images from paired data.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Make and inspect paired data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+out = Console()
+_state = {"verbose": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"sfumato {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Show tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    _state["verbose"] = verbose
+
+
+# ---------------------------------------------------------------- data
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out_dir: Path = typer.Option(..., "--out", help="Folder to write (must be empty or new)."),
+    n: int = typer.Option(1000, "--n", help="Number of images."),
+    seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives the same data set."),
+    res: int = typer.Option(64, "--res", help="Image side in pixels (geometry scales by res/64)."),
+    category: Optional[list[str]] = typer.Option(None, "--category", help="Only these categories (repeatable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+) -> None:
+    """Generate a ShapesWorld data set: PNG + caption + scene record per image, and manifest.jsonl."""
+    from .shapesworld import write_dataset
+
+    summary = write_dataset(out_dir, n, seed, res, tuple(category or ()) or None, overwrite, progress=True)
+    out.print(f"wrote {summary['n']} images ({res}x{res}, seed {seed}) to {out_dir}")
+    for name, count in summary["categories"].items():
+        out.print(f"  {name:<18} {count}")
+
+
+@data_app.command("check")
+def data_check(
+    source: Path = typer.Argument(..., help="A folder of images with .txt captions, or a .jsonl/.csv manifest."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on the first problem instead of skipping it."),
+    max_pixels: int = typer.Option(4096 * 4096, "--max-pixels", help="Refuse images with more pixels than this."),
+    scenes: bool = typer.Option(False, "--scenes", help="Also judge each image against its caption with the "
+                                "ShapesWorld scene checker."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Count pairs, image sizes and caption lengths, and list every problem."""
+    from .pairs import check_source, format_report
+
+    report = check_source(source, strict=strict, max_pixels=max_pixels, progress=not as_json)
+    summary = report.summary()
+    if scenes:
+        summary["scenes"] = _judge_pairs(report.pairs)
+    if as_json:
+        out.print_json(json.dumps(summary, default=str))
+        return
+    for line in format_report(report):
+        out.print(line, highlight=False)
+    if scenes:
+        s = summary["scenes"]
+        out.print(f"scene checker: {s['passed']}/{s['total']} conform to their captions")
+        for r in s["failures"][:20]:
+            out.print(f"  {r['path']}: {r['reason']}", highlight=False)
+
+
+def _judge_pairs(pairs) -> dict:
+    from rich.progress import track
+
+    from .pairs import open_image
+    from .shapesworld.checker import judge
+
+    failures = []
+    for p in track(pairs, description="judging scenes", console=console):
+        try:
+            verdict = judge(open_image(p.path), p.caption)
+        except ValueError as e:  # caption outside the ShapesWorld grammar
+            failures.append({"path": str(p.path), "reason": str(e)})
+            continue
+        if not verdict.passed:
+            failures.append({"path": str(p.path), "reason": verdict.reason})
+    return {"total": len(pairs), "passed": len(pairs) - len(failures), "failures": failures}
+
+
+# ---------------------------------------------------------------- train
+
+
+@app.command("train")
+def train_cmd(
+    data: str = typer.Option(..., "--data", help='A folder or manifest of image-caption pairs, or "shapesworld".'),
+    out_dir: Path = typer.Option(..., "--out", help="Model folder to write (diffusers layout)."),
+    preset: str = typer.Option("small", "--preset", help="tiny | small | base."),
+    stages: str = typer.Option("tokenizer,clip,vae,unet", "--stages", help="Comma-separated stages to run."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON config (sections data, clip, vae, unet, ...)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value: section.key=value."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run (or train a finished model on)."),
+    force: bool = typer.Option(False, "--force", help="Resume even if the data changed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model or unfinished run."),
+) -> None:
+    """Train the tokenizer, CLIP, VAE and UNet from paired data into a model folder."""
+    from .config import apply_overrides, get_preset, load_config
+    from .train import parse_stages, train
+
+    cfg = load_config(config) if config else get_preset(preset)
+    apply_overrides(cfg, list(set_ or ()))
+    path = train(data, out_dir, cfg, parse_stages(stages), resume=resume, force=force, overwrite=overwrite,
+                 overrides=list(set_ or ()))
+    out.print(f"model: {path}")
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user mistakes print one line (exit 2 usage, 1 failure), -v shows tracebacks."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    try:
+        rv = app(args=argv, prog_name="sfumato", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except click.exceptions.UsageError as e:
+        ctx = f" (see: {e.ctx.command_path} --help)" if e.ctx else ""
+        console.print(f"error: {e.format_message()}{ctx}", highlight=False, markup=False)
+        code = 2
+    except SfumatoError as e:
+        if verbose:
+            console.print_exception()
+        console.print(f"error: {e}", highlight=False, markup=False)
+        code = e.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        console.print("interrupted")
+        code = 130
+    except Exception as e:  # a bug, not a user mistake: still one line unless -v
+        if verbose:
+            console.print_exception()
+        console.print(f"error: {type(e).__name__}: {e} (run with -v for the traceback)", highlight=False, markup=False)
+        code = 1
+    return code
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

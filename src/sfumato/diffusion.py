@@ -1,0 +1,164 @@
+"""The latent diffusion stage: a UNet denoises VAE latents, reading frozen text states by cross-attention.
+
+Latents (posterior mean and std) and text states are computed once and cached in memory; each step
+samples a latent from the cached posterior. Training core after diffusers'
+examples/text_to_image/train_text_to_image.py: noise, add_noise, epsilon or v target, min-SNR-gamma.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import track
+
+from .data import PairData, to_model_range
+from .engine import StageSpec
+from .sampling import encode_prompts, sample_images
+
+# Noise bands whose loss is logged separately: layout is decided at high noise, detail at low.
+BANDS = {"low": (0.0, 0.3), "mid": (0.3, 0.7), "high": (0.7, 1.0)}
+
+
+@torch.no_grad()
+def cache_latents(vae, images_u8: torch.Tensor, batch_size: int = 128, progress: bool = True):
+    """Posterior mean and std of every image, float16 on the CPU: (N, C, r, r) each."""
+    vae.eval()
+    means, stds = [], []
+    it = range(0, len(images_u8), batch_size)
+    for i in track(it, description="caching latents", transient=True) if progress else it:
+        d = vae.encode(to_model_range(images_u8[i:i + batch_size]).to(vae.device)).latent_dist
+        means.append(d.mean.half().cpu())
+        stds.append(d.std.half().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def cache_text(tokenizer, text_encoder, captions: list[str], batch_size: int = 256):
+    """Text states of each distinct caption (U, L, D) float16, and the row of each caption."""
+    unique = list(dict.fromkeys(captions))
+    row = {c: i for i, c in enumerate(unique)}
+    states = [encode_prompts(tokenizer, text_encoder, unique[i:i + batch_size]).half().cpu()
+              for i in range(0, len(unique), batch_size)]
+    empty = encode_prompts(tokenizer, text_encoder, [""]).half().cpu()
+    return torch.cat(states), torch.tensor([row[c] for c in captions]), empty
+
+
+def snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v; Hang et al. (2023)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, t)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr.clamp(min=1e-8)
+
+
+class LatentBatches:
+    """Draws training batches (noisy latents, timesteps, text states, targets) from the caches."""
+
+    def __init__(self, cfg, scheduler, latents, text, scaling: float):
+        self.u, self.scheduler, self.scaling = cfg.unet, scheduler, scaling
+        self.mean, self.std = latents
+        self.states, self.rows, self.empty = text
+
+    def draw(self, idx: np.ndarray, g: torch.Generator, device, t: torch.Tensor | None = None, dropout=None):
+        n = len(idx)
+        idx = torch.as_tensor(idx)
+        z = (self.mean[idx].float() + self.std[idx].float() * torch.randn(self.mean[idx].shape, generator=g))
+        z = z * self.scaling
+        noise = torch.randn(z.shape, generator=g)
+        if t is None:
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=g)
+        noisy = self.scheduler.add_noise(z, noise, t)
+        target = noise if self.u.prediction_type == "epsilon" else self.scheduler.get_velocity(z, noise, t)
+        ctx = self.states[self.rows[idx]].float()
+        p = self.u.caption_dropout if dropout is None else dropout
+        if p > 0:
+            drop = torch.rand(n, generator=g) < p
+            ctx[drop] = self.empty.float()
+        return noisy.to(device), t.to(device), ctx.to(device), target.to(device)
+
+
+def unet_stage(cfg, data: PairData, unet, scheduler, batches: LatentBatches, engine, sample_fn) -> StageSpec:
+    """sample_fn(step) writes a grid of the fixed prompts and returns its metrics (main process)."""
+    u = cfg.unet
+    train_idx = data.train_idx
+    T = scheduler.config.num_train_timesteps
+
+    def loss_fn(model, g):
+        idx = train_idx[torch.randint(len(train_idx), (u.batch_size,), generator=g).numpy()]
+        noisy, t, ctx, target = batches.draw(idx, g, engine.device)
+        pred = model(noisy, t, encoder_hidden_states=ctx).sample
+        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        w = snr_weights(scheduler, t.cpu(), u.snr_gamma).to(per.device) if u.snr_gamma > 0 else 1.0
+        logs = {}
+        for name, (lo, hi) in BANDS.items():
+            m = (t >= lo * T) & (t < hi * T)
+            if m.any():
+                logs[f"mse_{name}"] = per[m].mean().detach()
+        return (per * w).mean(), logs
+
+    def eval_fn(step):
+        return {**band_metrics(unet, data, batches, engine.device), **sample_fn(step)}
+
+    return StageSpec("unet", unet, loss_fn, u.steps, u.lr, u.warmup, u.batch_size, eval_fn=eval_fn,
+                     ema=make_ema(unet, u))
+
+
+def make_ema(unet, u):
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(unet.parameters(), decay=u.ema_decay, use_ema_warmup=u.ema_warmup, inv_gamma=1.0, power=2 / 3)
+
+
+@torch.no_grad()
+def band_metrics(unet, data: PairData, batches: LatentBatches, device, n: int = 256) -> dict[str, float]:
+    """Held-out x0-space error per noise band, conditional and unconditional.
+
+    A gap between the two at high noise is what classifier-free guidance amplifies; no gap there
+    means the prompt cannot steer layout.
+    """
+    unet.eval()
+    idx = data.val_idx[:n]
+    if len(idx) == 0:
+        return {}
+    T = batches.scheduler.config.num_train_timesteps
+    ac = batches.scheduler.alphas_cumprod
+    out = {}
+    for name, (lo, hi) in BANDS.items():
+        g = torch.Generator().manual_seed(1234)
+        t = torch.full((len(idx),), int((lo + hi) / 2 * T))
+        errs = {}
+        for mode, dropout in (("cond", 0.0), ("uncond", 1.0)):
+            g.manual_seed(1234)
+            noisy, tt, ctx, target = batches.draw(idx, g, device, t=t, dropout=dropout)
+            pred = unet(noisy, tt, encoder_hidden_states=ctx).sample.float()
+            a = ac[t].view(-1, 1, 1, 1).to(device)
+            x0_true = _x0(batches.u.prediction_type, noisy, target, a)
+            x0_pred = _x0(batches.u.prediction_type, noisy, pred, a)
+            errs[mode] = float(F.mse_loss(x0_pred, x0_true))
+        out[f"x0_mse_{name}_cond"] = errs["cond"]
+        out[f"x0_mse_{name}_gap"] = errs["uncond"] - errs["cond"]
+    unet.train()
+    return out
+
+
+def _x0(prediction_type: str, noisy, pred, a):
+    if prediction_type == "epsilon":
+        return (noisy - (1 - a).sqrt() * pred) / a.sqrt().clamp(min=1e-4)
+    return a.sqrt() * noisy - (1 - a).sqrt() * pred  # from v
+
+
+def ema_copy(unet, ema):
+    """A copy of the UNet holding the EMA weights (for sampling and saving)."""
+    m = copy.deepcopy(unet)
+    ema.copy_to(m.parameters())
+    return m
+
+
+__all__ = ["cache_latents", "cache_text", "LatentBatches", "unet_stage", "ema_copy", "band_metrics",
+           "sample_images"]

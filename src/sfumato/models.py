@@ -1,0 +1,102 @@
+"""Builders for the three models from one TrainCfg, on diffusers and transformers classes.
+
+The towers are not re-implemented: CLIPModel, CLIPTextModel, AutoencoderKL, UNet2DConditionModel
+and the diffusers schedulers are used as they are; this module only sizes them.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .config import TrainCfg
+
+
+def _groups(channels) -> int:
+    """Largest GroupNorm group count (<= 32) that divides every channel width."""
+    g = math.gcd(*channels)
+    return max(d for d in range(1, min(32, g) + 1) if g % d == 0)
+
+
+def build_clip(cfg: TrainCfg, vocab_size: int, bos_id: int, eos_id: int, pad_id: int):
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    c = cfg.clip
+    text = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=c.text_width, intermediate_size=4 * c.text_width,
+        num_hidden_layers=c.text_layers, num_attention_heads=c.heads, projection_dim=c.embed_dim,
+        max_position_embeddings=cfg.tokenizer.context_length, bos_token_id=bos_id, eos_token_id=eos_id,
+        pad_token_id=pad_id, hidden_act="gelu",
+    )
+    vision = CLIPVisionConfig(
+        image_size=cfg.data.res, patch_size=c.patch_size, hidden_size=c.vision_width,
+        intermediate_size=4 * c.vision_width, num_hidden_layers=c.vision_layers, num_attention_heads=c.heads,
+        projection_dim=c.embed_dim, hidden_act="gelu",
+    )
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=c.embed_dim)
+    return CLIPModel(config)
+
+
+def text_encoder_from_clip(clip):
+    """The text tower of a CLIPModel as a standalone CLIPTextModel (what diffusers pipelines load)."""
+    from transformers import CLIPTextModel
+
+    enc = CLIPTextModel(clip.config.text_config)
+    getattr(enc, "text_model", enc).load_state_dict(clip.text_model.state_dict())  # v4 nests, v5 does not
+    return enc
+
+
+def build_vae(cfg: TrainCfg):
+    from diffusers import AutoencoderKL
+
+    v = cfg.vae
+    n = len(v.channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(v.channels),
+        layers_per_block=v.layers_per_block, latent_channels=v.latent_channels,
+        norm_num_groups=_groups(v.channels), sample_size=cfg.data.res,
+    )
+
+
+def vae_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def build_unet(cfg: TrainCfg, latent_res: int, cross_attention_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    u = cfg.unet
+    if len(u.attention_levels) != len(u.channels):
+        raise ValueError("unet.attention_levels needs one entry per unet.channels entry")
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention_levels)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.attention_levels))
+    return UNet2DConditionModel(
+        sample_size=latent_res, in_channels=cfg.vae.latent_channels, out_channels=cfg.vae.latent_channels,
+        down_block_types=down, up_block_types=up, block_out_channels=tuple(u.channels),
+        layers_per_block=u.layers_per_block, cross_attention_dim=cross_attention_dim,
+        # diffusers reads `attention_head_dim` as the number of heads per block.
+        attention_head_dim=tuple(max(1, ch // u.head_dim) for ch in u.channels),
+        norm_num_groups=_groups(u.channels),
+    )
+
+
+def build_train_scheduler(cfg: TrainCfg):
+    from diffusers import DDPMScheduler
+
+    u = cfg.unet
+    if u.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unet.prediction_type must be epsilon or v_prediction, got {u.prediction_type!r}")
+    if u.zero_terminal_snr and u.prediction_type == "epsilon":
+        raise ValueError("unet.zero_terminal_snr needs prediction_type v_prediction (epsilon is undefined at SNR 0)")
+    return DDPMScheduler(
+        num_train_timesteps=u.train_timesteps, beta_schedule=u.beta_schedule, prediction_type=u.prediction_type,
+        rescale_betas_zero_snr=u.zero_terminal_snr, timestep_spacing="trailing", clip_sample=False, steps_offset=1,
+    )
+
+
+def build_sample_scheduler(train_scheduler):
+    """The default sampler saved with a model: DPM-Solver++ (2M) on the training noise schedule."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++",
+                                                   solver_order=2, final_sigmas_type="zero")

@@ -1,0 +1,384 @@
+"""Read a user's own corpus of image-caption pairs and report what is wrong with it.
+
+Two source kinds are understood:
+
+* a folder where every image (``.png .jpg .jpeg .webp``, any case) has a same-named ``.txt``
+  caption beside it; sub-folders are walked recursively in sorted order;
+* a manifest: a ``.jsonl`` file with ``image`` (or ``file``) and ``caption`` per line, or a
+  ``.csv`` file with those columns in its header. Image paths are relative to the manifest's
+  folder. A folder with ``manifest.jsonl`` at its top (a ShapesWorld folder) is read this way.
+
+Bad entries are skipped and collected as ``Problem``s, or raise ``SfumatoError`` under
+``strict=True``. ``sfumato data check DIR`` uses ``check_source`` and ``format_report``::
+
+    from sfumato.pairs import check_source, format_report
+    print("\\n".join(format_report(check_source("my_pairs/"))))
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import statistics
+import struct
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import SfumatoError, UsageError
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+MANIFEST_EXTS = (".jsonl", ".csv")
+# Pillow only tries these decoders, so a GIF or TIFF renamed to .png is rejected, not silently read.
+_PIL_FORMATS = ("PNG", "JPEG", "WEBP")
+# What Pillow raises on corrupt data; struct.error and EOFError come from some header parsers.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+# Problem kinds: short nouns the summary line counts ("2 image without caption").
+CAPTION_WITHOUT_IMAGE = "caption without image"
+IMAGE_WITHOUT_CAPTION = "image without caption"
+DUPLICATE_IMAGE = "duplicate image"
+MISSING_IMAGE = "missing image"
+UNSUPPORTED_IMAGE = "unsupported image"
+UNREADABLE_IMAGE = "unreadable image"
+IMAGE_TOO_LARGE = "image too large"
+EMPTY_CAPTION = "empty caption"
+NON_UTF8_CAPTION = "non-UTF-8 caption"
+UNREADABLE_CAPTION = "unreadable caption"
+BAD_MANIFEST = "bad manifest line"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One image and its caption. ``id`` is the image path relative to the source, no extension."""
+
+    path: Path
+    caption: str
+    id: str
+    size: tuple[int, int] | None = None
+    # A manifest's whole line or row, so extra fields (ShapesWorld's scene facts) stay reachable.
+    record: dict | None = field(default=None, hash=False)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why one file or manifest line was skipped."""
+
+    path: Path
+    reason: str
+    kind: str = ""
+
+
+@dataclass
+class PairReport:
+    """The pairs read from ``source`` and the problems met on the way."""
+
+    pairs: list[Pair]
+    problems: list[Problem]
+    source: Path
+
+    def summary(self) -> dict:
+        """Counts, problem kinds, image sizes ("WxH" -> n) and caption length in words."""
+        words = [len(p.caption.split()) for p in self.pairs]
+        spread = dict.fromkeys(("min", "median", "mean", "max"))
+        if words:
+            spread = {"min": min(words), "median": statistics.median(words),
+                      "mean": statistics.fmean(words), "max": max(words)}
+        return {
+            "source": str(self.source),
+            "count": len(self.pairs),
+            "problems": len(self.problems),
+            "problem_kinds": Counter(p.kind for p in self.problems),
+            "sizes": Counter(f"{p.size[0]}x{p.size[1]}" for p in self.pairs if p.size),
+            "caption_words": spread,
+        }
+
+
+@dataclass
+class _Entry:
+    """A candidate pair whose image has not been opened yet."""
+
+    path: Path
+    caption: str
+    id: str
+    record: dict | None = None
+
+
+class _BadImage(Exception):
+    """An image problem before it becomes a Problem or a SfumatoError."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+def read_pairs(source: str | os.PathLike, *, strict: bool = False,
+               max_pixels: int = DEFAULT_MAX_PIXELS, verify_images: bool = True,
+               progress: bool = False) -> PairReport:
+    """Read every image-caption pair under ``source``.
+
+    Args:
+        source: a caption folder, a folder with ``manifest.jsonl``, or a ``.jsonl``/``.csv`` file.
+        strict: raise ``SfumatoError`` on the first problem instead of skipping it.
+        max_pixels: reject images with more pixels than this, judged from the header alone.
+            Pillow's own decompression-bomb guard stays on as well.
+        verify_images: fully decode each image, which catches truncated files; otherwise only
+            the header is read.
+        progress: show a rich progress bar while images are checked.
+
+    Returns:
+        A ``PairReport`` with pairs in deterministic order and the problems met.
+
+    Raises:
+        UsageError: ``source`` does not exist or is not a folder or a .jsonl/.csv file.
+        SfumatoError: under ``strict``, naming the path and the reason of the first problem.
+    """
+    root, manifest = _resolve_source(source)
+    report = PairReport(pairs=[], problems=[], source=Path(source))
+
+    # Listing problems stay in file order among image problems, so strict stops at the first.
+    items = _list_manifest(manifest) if manifest else _list_folder(root)
+    # Several manifest lines may caption one image: open it once, report it once.
+    probed: dict[Path, tuple[int, int] | Problem] = {}
+    for item in _maybe_track(items, f"Checking {source}", progress):
+        if isinstance(item, _Entry):
+            seen = item.path in probed
+            if not seen:
+                probed[item.path] = _probe_image(item.path, max_pixels, verify_images)
+            size = probed[item.path]
+            if not isinstance(size, Problem):
+                report.pairs.append(Pair(item.path, item.caption, item.id, size, item.record))
+                continue
+            if seen:
+                continue
+            item = size
+        if strict:
+            raise SfumatoError(f"{item.path}: {item.reason}")
+        report.problems.append(item)
+    return report
+
+
+def check_source(source: str | os.PathLike, **kw) -> PairReport:
+    """``read_pairs`` with every image fully decoded; backs ``sfumato data check DIR``."""
+    kw["verify_images"] = True
+    return read_pairs(source, **kw)
+
+
+def open_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open, fully decode and return an RGB image.
+
+    Raises:
+        SfumatoError: naming the path and why it could not be read (for an oversized image,
+            its pixel count and the cap).
+    """
+    path = Path(path)
+    try:
+        with _opened(path, max_pixels) as im:
+            im.load()
+            return im.convert("RGB")
+    except _BadImage as bad:
+        raise SfumatoError(f"{path}: {bad.reason}") from None
+
+
+def format_report(report: PairReport) -> list[str]:
+    """Lines for the CLI: count, sizes, caption spread, each problem, then a skipped summary."""
+    s = report.summary()
+    lines = [f"{s['count']} pairs in {report.source}"]
+    if s["sizes"]:
+        common = s["sizes"].most_common()
+        shown = ", ".join(f"{size} ({n})" for size, n in common[:5])
+        more = f", and {len(common) - 5} more sizes" if len(common) > 5 else ""
+        lines.append(f"image sizes: {shown}{more}")
+    w = s["caption_words"]
+    if w["min"] is not None:
+        lines.append(f"caption words: min {w['min']}, median {w['median']:g}, "
+                     f"mean {w['mean']:.1f}, max {w['max']}")
+    lines += [f"{p.path}: {p.reason}" for p in report.problems]
+    if report.problems:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(s["problem_kinds"].items()))
+        total = s["count"] + s["problems"]
+        lines.append(f"skipped {s['problems']} of {total} files: {kinds}")
+    else:
+        lines.append("no problems found")
+    return lines
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+def _resolve_source(source: str | os.PathLike) -> tuple[Path, Path | None]:
+    """Return (root that ids are relative to, manifest file or None for a caption folder)."""
+    path = Path(source)
+    if path.is_dir():
+        manifest = path / "manifest.jsonl"
+        return path, manifest if manifest.is_file() else None
+    if path.is_file() and path.suffix.lower() in MANIFEST_EXTS:
+        return path.parent, path
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or folder")
+    raise UsageError(f"{path}: not a folder or a .jsonl/.csv manifest")
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    """Yield files under root in sorted order, skipping hidden files and folders."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield Path(folder, name)
+
+
+def _list_folder(root: Path) -> list[_Entry | Problem]:
+    """Pair each image with the .txt of the same name; report orphans on either side."""
+    images: dict[Path, list[Path]] = defaultdict(list)
+    captions: dict[Path, Path] = {}
+    for path in _walk_files(root):
+        ext = path.suffix.lower()
+        if ext in IMAGE_EXTS:
+            images[path.with_suffix("")].append(path)
+        elif ext == ".txt":
+            captions[path.with_suffix("")] = path
+    items: list[_Entry | Problem] = []
+    for stem in sorted(images.keys() | captions.keys(), key=lambda p: p.parts):
+        txt, found = captions.get(stem), images.get(stem, [])
+        if not found:
+            reason = f"caption without image (no image named {stem.name})"
+            items.append(Problem(txt, reason, CAPTION_WITHOUT_IMAGE))
+        elif txt is None:
+            reason = f"image without caption (no {stem.name}.txt)"
+            items += [Problem(image, reason, IMAGE_WITHOUT_CAPTION) for image in found]
+        else:
+            caption = _read_caption_file(txt)
+            items.append(caption if isinstance(caption, Problem)
+                         else _Entry(found[0], caption, stem.relative_to(root).as_posix()))
+            reason = f"duplicate image: {found[0].name} already uses {txt.name}"
+            items += [Problem(extra, reason, DUPLICATE_IMAGE) for extra in found[1:]]
+    return items
+
+
+def _read_caption_file(path: Path) -> str | Problem:
+    """Return the stripped caption, or the Problem that makes it unusable."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: drop a BOM some editors write
+    except UnicodeDecodeError as exc:
+        return Problem(path, f"caption is not UTF-8 (bad byte at offset {exc.start})",
+                       NON_UTF8_CAPTION)
+    except OSError as exc:
+        return Problem(path, f"caption unreadable ({exc.strerror or exc})", UNREADABLE_CAPTION)
+    if not text.strip():
+        return Problem(path, "empty caption", EMPTY_CAPTION)
+    return text.strip()
+
+
+def _list_manifest(manifest: Path) -> list[_Entry | Problem]:
+    """Read a .jsonl or .csv manifest into entries; image paths are relative to its folder."""
+    read_rows = _jsonl_rows if manifest.suffix.lower() == ".jsonl" else _csv_rows
+    return [row if isinstance(row, Problem) else _manifest_entry(manifest, lineno, row)
+            for lineno, row in read_rows(manifest)]
+
+
+def _jsonl_rows(manifest: Path) -> Iterator[tuple[int, dict | Problem]]:
+    """Yield (line number, object or Problem) for each non-blank line."""
+    for lineno, raw in enumerate(manifest.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError:
+            yield lineno, Problem(manifest, f"line {lineno}: not UTF-8", NON_UTF8_CAPTION)
+            continue
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            row = Problem(manifest, f"line {lineno}: not valid JSON ({exc.msg})", BAD_MANIFEST)
+        if not isinstance(row, (dict, Problem)):
+            row = Problem(manifest, f"line {lineno}: not a JSON object", BAD_MANIFEST)
+        yield lineno, row
+
+
+def _csv_rows(manifest: Path) -> Iterator[tuple[int, dict | Problem]]:
+    """Yield (line number, row or Problem) for each data row of a CSV manifest with a header."""
+    try:
+        text = manifest.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        reason = f"manifest is not UTF-8 (bad byte at offset {exc.start})"
+        yield 1, Problem(manifest, reason, NON_UTF8_CAPTION)
+        return
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    if not {"image", "file"} & set(header) or "caption" not in header:
+        reason = "line 1: header needs 'image' and 'caption' columns"
+        yield 1, Problem(manifest, reason, BAD_MANIFEST)
+        return
+    for row in reader:
+        yield reader.line_num, row
+
+
+def _manifest_entry(manifest: Path, lineno: int, row: dict) -> _Entry | Problem:
+    """Turn one manifest row into an entry, or the Problem saying what is missing."""
+    image = row.get("image", row.get("file"))  # ShapesWorld manifests say "file"
+    caption = row.get("caption")
+    where = f"line {lineno}"
+    if not isinstance(image, str) or not image.strip():
+        return Problem(manifest, f"{where}: lacks an 'image' (or 'file') field", BAD_MANIFEST)
+    if not isinstance(caption, str):
+        return Problem(manifest, f"{where}: lacks a 'caption' text field", BAD_MANIFEST)
+    if not caption.strip():
+        return Problem(manifest, f"{where}: empty caption for {image}", EMPTY_CAPTION)
+    # Paths may leave the manifest's folder on purpose (shared image stores), so no check here.
+    path = manifest.parent / image.strip()
+    item_id = Path(os.path.relpath(path.with_suffix(""), manifest.parent)).as_posix()
+    return _Entry(path, caption.strip(), item_id, dict(row))
+
+
+# --- images ----------------------------------------------------------------------------------
+
+@contextmanager
+def _opened(path: Path, max_pixels: int) -> Iterator[Image.Image]:
+    """Open an image lazily, enforce the pixel cap from its header, and map errors to _BadImage."""
+    if path.suffix.lower() not in IMAGE_EXTS:
+        raise _BadImage(UNSUPPORTED_IMAGE, f"unsupported image type '{path.suffix}' "
+                        f"(expected {', '.join(IMAGE_EXTS)})")
+    try:
+        with Image.open(path, formats=_PIL_FORMATS) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise _BadImage(IMAGE_TOO_LARGE, f"image too large: {w}x{h} = {w * h:,} pixels, "
+                                f"over the cap of {max_pixels:,} (max_pixels)")
+            yield im
+    except FileNotFoundError:
+        raise _BadImage(MISSING_IMAGE, "image file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise _BadImage(IMAGE_TOO_LARGE, f"image too large: {exc}") from None
+    except UnidentifiedImageError:
+        reason = "unreadable image: not a PNG, JPEG or WebP file"
+        raise _BadImage(UNREADABLE_IMAGE, reason) from None
+    except _DECODE_ERRORS as exc:
+        reason = f"unreadable image: truncated or corrupt ({exc})"
+        raise _BadImage(UNREADABLE_IMAGE, reason) from None
+
+
+def _probe_image(path: Path, max_pixels: int, decode: bool) -> tuple[int, int] | Problem:
+    """Return (w, h) of a usable image, or the Problem that makes it unusable."""
+    try:
+        with _opened(path, max_pixels) as im:
+            if decode:
+                im.load()
+            return im.size
+    except _BadImage as bad:
+        return Problem(path, bad.reason, bad.kind)
+
+
+def _maybe_track(items: list, description: str, show: bool):
+    """Wrap items in a rich progress bar when asked; rich is imported only then."""
+    if not show:
+        return items
+    from rich.progress import track
+
+    return track(items, description=description, total=len(items))

@@ -1,0 +1,73 @@
+"""The denoising loop: text -> latents -> image, with classifier-free guidance, on any diffusers scheduler.
+
+One readable loop after step 7 of diffusers' StableDiffusionPipeline; samplers are swapped with
+`Cls.from_config(old.config)`. The callback contract follows k-diffusion: a dict with i, t, latents.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Last hidden states of the text tower, (B, context, width)."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+@torch.no_grad()
+def denoise(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tensor, steps: int,
+            guidance: float, callback: Callable[[dict], None] | None = None,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Run the sampler from pure noise `latents` (already scaled by init_noise_sigma) to x0 latents."""
+    # 1. timesteps
+    scheduler.set_timesteps(steps, device=latents.device)
+    latents = latents * scheduler.init_noise_sigma
+    use_cfg = guidance != 1.0
+    context = torch.cat([uncond, cond]) if use_cfg else cond
+    extra = {"generator": generator} if "generator" in _step_params(scheduler) else {}
+    for i, t in enumerate(scheduler.timesteps):
+        # 2. the model input, doubled for guidance
+        x = torch.cat([latents] * 2) if use_cfg else latents
+        x = scheduler.scale_model_input(x, t)
+        # 3. predict and guide
+        pred = unet(x, t, encoder_hidden_states=context).sample
+        if use_cfg:
+            pred_uncond, pred_cond = pred.chunk(2)
+            pred = pred_uncond + guidance * (pred_cond - pred_uncond)
+        # 4. one sampler step
+        latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
+        if callback is not None:
+            callback({"i": i, "t": int(t), "latents": latents})
+    return latents
+
+
+def _step_params(scheduler) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(scheduler.step).parameters)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> uint8 images (B, H, W, 3)."""
+    x = vae.decode(latents / vae.config.scaling_factor).sample
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+@torch.no_grad()
+def sample_images(unet, vae, scheduler, tokenizer, text_encoder, prompts: list[str], seed: int = 0,
+                  steps: int = 20, guidance: float = 4.0, negative: str = "") -> torch.Tensor:
+    """Prompts -> uint8 images (B, H, W, 3); the i-th image uses seed + i."""
+    device = unet.device
+    cond = encode_prompts(tokenizer, text_encoder, prompts)
+    uncond = encode_prompts(tokenizer, text_encoder, [negative] * len(prompts))
+    c, s = unet.config.in_channels, unet.config.sample_size
+    noise = torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(seed + i))
+                         for i in range(len(prompts))]).to(device)
+    latents = denoise(unet, scheduler, cond, uncond, noise, steps, guidance)
+    return decode_latents(vae, latents)

@@ -1,0 +1,147 @@
+"""The four training stages. Each takes the Run, trains, saves its component(s) into the work folder
+and returns its held-out metrics."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import torch
+from PIL import Image
+
+from .clip import ClipTrainer, batch_negatives, embed_images, embed_texts, hard_negative_accuracy, retrieval_metrics
+from .data import to_model_range
+from .engine import StageSpec
+from .models import (build_clip, build_sample_scheduler, build_train_scheduler, build_unet, build_vae,
+                     text_encoder_from_clip, vae_factor)
+from .tokenizer import encode, load_tokenizer, train_tokenizer
+
+EVAL_PAIRS = 1000
+
+
+def run_tokenizer(run) -> dict:
+    cfg, data, engine = run.cfg, run.data, run.engine
+    if engine.is_main:
+        tok = train_tokenizer((data.captions[i] for i in data.train_idx), cfg.tokenizer.vocab_size,
+                              cfg.tokenizer.context_length, run.work / "tokenizer")
+    engine.barrier()
+    tok = load_tokenizer(run.work / "tokenizer")
+    _, cut = encode(tok, data.captions)
+    if cut:
+        warnings.warn(f"{cut} of {len(data.captions)} captions are longer than the context of "
+                      f"{tok.model_max_length} tokens and were cut; raise tokenizer.context_length to keep them")
+    return {"vocab_size": len(tok), "captions_truncated": cut}
+
+
+def run_clip(run) -> dict:
+    cfg, data, engine = run.cfg, run.data, run.engine
+    c = cfg.clip
+    tok = load_tokenizer(run.work / "tokenizer")
+    ids, _ = encode(tok, data.captions)
+    clip = build_clip(cfg, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id).to(engine.device)
+    trainer = ClipTrainer(clip)
+    train_idx = data.train_idx
+    val = data.val_idx[:EVAL_PAIRS]
+
+    def loss_fn(model, g):
+        idx = train_idx[torch.randperm(len(train_idx), generator=g)[: c.batch_size].numpy()]
+        x = to_model_range(data.images[idx]).to(engine.device)
+        neg = None
+        if c.hard_negatives:
+            rng = random.Random(int(torch.randint(2**31, (1,), generator=g)))
+            negs = batch_negatives([data.captions[i] for i in idx], rng)
+            neg = encode(tok, negs)[0].to(engine.device) if negs else None
+        loss = model(x, ids[idx].to(engine.device), neg)
+        return loss, {"logit_scale": clip.logit_scale.exp().detach()}
+
+    def eval_fn(step):
+        return clip_metrics(clip, tok, data, val, ids)
+
+    metrics = engine.run(StageSpec("clip", trainer, loss_fn, c.steps, c.lr, c.warmup, c.batch_size,
+                                   weight_decay=c.weight_decay, eval_fn=eval_fn if len(val) else None))
+    if engine.is_main:
+        from transformers import CLIPImageProcessor
+
+        clip.save_pretrained(run.work / "clip")
+        tok.save_pretrained(run.work / "clip")
+        res = cfg.data.res
+        CLIPImageProcessor(size={"shortest_edge": res}, crop_size={"height": res, "width": res},
+                           image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(run.work / "clip")
+        text_encoder_from_clip(clip).save_pretrained(run.work / "text_encoder")
+    return metrics
+
+
+def clip_metrics(clip, tok, data, val, ids) -> dict:
+    if len(val) == 0:
+        return {}
+    x = to_model_range(data.images[val]).to(clip.device)
+    img = embed_images(clip, x)
+    txt = embed_texts(clip, ids[val].to(clip.device))
+    caps = [data.captions[i] for i in val]
+    out = retrieval_metrics(img.cpu(), txt.cpu(), caps)
+    out.update(hard_negative_accuracy(clip, tok, x, caps))
+    clip.train()
+    return out
+
+
+def run_vae(run) -> dict:
+    from .vae import fit_scaling_factor, vae_metrics, vae_stage
+
+    cfg, data, engine = run.cfg, run.data, run.engine
+    vae = build_vae(cfg).to(engine.device)
+    metrics = engine.run(vae_stage(cfg, data, vae, engine))
+    if engine.is_main:
+        vae.register_to_config(scaling_factor=fit_scaling_factor(vae, data))
+        vae.save_pretrained(run.work / "vae")
+        if not metrics or "vae_psnr" not in metrics:
+            metrics.update(vae_metrics(vae, data))
+        metrics["scaling_factor"] = vae.config.scaling_factor
+    return metrics
+
+
+def run_unet(run) -> dict:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    from .diffusion import LatentBatches, cache_latents, cache_text, ema_copy, unet_stage
+    from .sampling import sample_images
+    from .vae import checker_pass_rate
+    from .viz import make_grid
+
+    cfg, data, engine = run.cfg, run.data, run.engine
+    dev = engine.device
+    tok = load_tokenizer(run.work / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(run.work / "text_encoder").to(dev).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(run.work / "vae").to(dev).eval().requires_grad_(False)
+    latents = cache_latents(vae, data.images, progress=engine.progress)
+    text = cache_text(tok, text_encoder, data.captions)
+    scheduler = build_train_scheduler(cfg)
+    sampler = build_sample_scheduler(scheduler)
+    latent_res = cfg.data.res // vae_factor(vae)
+    unet = build_unet(cfg, latent_res, text_encoder.config.hidden_size).to(dev)
+    batches = LatentBatches(cfg, scheduler, latents, text, vae.config.scaling_factor)
+    prompts = list(cfg.sample_prompts)
+
+    def sample_fn(step):
+        weights = {"ema": ema_copy(unet, spec.ema), "raw": unet}
+        out = {}
+        for name, model in weights.items():
+            model.eval()
+            imgs = sample_images(model, vae, sampler, tok, text_encoder, prompts * 2, seed=step, steps=20,
+                                 guidance=4.0)
+            pil = [Image.fromarray(a.numpy()) for a in imgs]
+            rate = checker_pass_rate(imgs.permute(0, 3, 1, 2), prompts * 2)
+            if rate is not None:
+                out[f"samples_checker_pass_{name}"] = rate
+            make_grid(pil, prompts * 2, cols=len(prompts)).save(
+                run.work / "logs" / f"samples-{step:06d}-{name}.png")
+        unet.train()
+        return out
+
+    spec = unet_stage(cfg, data, unet, scheduler, batches, engine, sample_fn)
+    metrics = engine.run(spec)
+    if engine.is_main:
+        final = ema_copy(unet, spec.ema) if cfg.unet.ema_decay > 0 else unet
+        final.save_pretrained(run.work / "unet")
+        sampler.save_pretrained(run.work / "scheduler")
+    return metrics

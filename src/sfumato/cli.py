@@ -24,6 +24,13 @@ app = typer.Typer(help="Learn, generate, search and explain images from paired d
 data_app = typer.Typer(help="Make and inspect paired data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
+try:  # newer typer releases ship their own copy of click
+    from typer._click import exceptions as _typer_click
+except ImportError:  # pragma: no cover
+    _typer_click = click.exceptions
+USAGE_ERRORS = (click.exceptions.UsageError, _typer_click.UsageError)
+ABORTS = (click.exceptions.Abort, getattr(_typer_click, "Abort", click.exceptions.Abort), KeyboardInterrupt)
+
 console = Console(stderr=True)
 out = Console()
 _state = {"verbose": False}
@@ -136,6 +143,86 @@ def train_cmd(
     out.print(f"model: {path}")
 
 
+# ---------------------------------------------------------------- generate
+
+
+def _list_schedulers(value: bool) -> None:
+    if value:
+        from .pipeline import DEFAULT_SCHEDULER, SCHEDULERS
+
+        for name, (cls, kw) in SCHEDULERS.items():
+            extra = ", ".join(f"{k}={v}" for k, v in kw.items())
+            mark = " (default)" if name == DEFAULT_SCHEDULER else ""
+            out.print(f"{name:<16} {cls}{f' ({extra})' if extra else ''}{mark}", highlight=False)
+        raise typer.Exit()
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    w, _, h = text.lower().partition("x")
+    try:
+        return (int(w), int(h or w))
+    except ValueError:
+        raise UsageError(f"--size must be N or WxH in pixels, got {text!r}") from None
+
+
+@app.command("generate")
+def generate_cmd(
+    prompt: Optional[str] = typer.Argument(None, help="What to draw."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Diffusers Stable Diffusion folder (default: shipped model)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first image; image i uses seed + i."),
+    num_images: int = typer.Option(1, "-n", "--num-images", help="Images per prompt."),
+    steps: int = typer.Option(20, "--steps", help="Sampler steps."),
+    guidance: float = typer.Option(4.0, "--guidance", help="Classifier-free guidance scale (1 disables)."),
+    negative: str = typer.Option("", "--negative", help="Negative prompt."),
+    scheduler: str = typer.Option("DPM++ 2M", "--scheduler", help="Sampler name (see --list-schedulers)."),
+    size: str = typer.Option("", "--size", help="N or WxH pixels (default: the model's native size)."),
+    init_image: Optional[Path] = typer.Option(None, "--init-image", help="Start from this image (img2img)."),
+    strength: float = typer.Option(0.75, "--strength", help="img2img: how much of the schedule to re-run (0-1)."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Inpainting mask (white = repaint), same size as --init-image."),
+    out_path: Path = typer.Option(Path("outputs"), "--out", help="A .png file or a folder."),
+    grid: bool = typer.Option(False, "--grid", help="Also write a contact sheet of all images."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="A file of prompts, one a line; writes index.jsonl."),
+    list_schedulers: bool = typer.Option(False, "--list-schedulers", callback=_list_schedulers, is_eager=True,
+                                         help="List sampler names and exit."),
+) -> None:
+    """Generate images from a text prompt with the shipped default model or any diffusers SD folder."""
+    import warnings
+
+    from . import generate as gen
+    from .pairs import open_image
+    from .pipeline import load
+
+    if prompts is None and not prompt:
+        raise UsageError("give a PROMPT or --prompts FILE")
+    if prompts is not None and prompt:
+        raise UsageError("give either a PROMPT or --prompts FILE, not both")
+    texts = gen.read_prompts(prompts) if prompts else [prompt]
+    kw = dict(steps=steps, guidance=guidance, negative=negative, scheduler=scheduler,
+              size=_parse_size(size) if size else 0)
+    if init_image is not None:
+        kw.update(init_image=open_image(init_image), strength=strength)
+        if mask is not None:
+            kw["mask"] = open_image(mask)
+    elif mask is not None:
+        raise UsageError("--mask needs --init-image")
+    pipe = load(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = gen.run(pipe, texts, out_path, num_images, seed, grid, batch=prompts is not None, **kw)
+    for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
+        console.print(f"warning: {w}", highlight=False, markup=False)
+    for p in paths:
+        out.print(str(p), highlight=False)
+
+
+@app.command("info")
+def info_cmd(image: Path = typer.Argument(..., help="A PNG written by sfumato or AUTOMATIC1111.")) -> None:
+    """Print the generation parameters stored in an image."""
+    from .generate import read_parameters
+
+    out.print(read_parameters(image), highlight=False, markup=False)
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -146,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = app(args=argv, prog_name="sfumato", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
-    except click.exceptions.UsageError as e:
+    except USAGE_ERRORS as e:
         ctx = f" (see: {e.ctx.command_path} --help)" if e.ctx else ""
         console.print(f"error: {e.format_message()}{ctx}", highlight=False, markup=False)
         code = 2
@@ -155,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print_exception()
         console.print(f"error: {e}", highlight=False, markup=False)
         code = e.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except ABORTS:
         console.print("interrupted")
         code = 130
     except Exception as e:  # a bug, not a user mistake: still one line unless -v

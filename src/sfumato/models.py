@@ -11,6 +11,17 @@ import math
 from .config import TrainCfg
 
 
+def quiet_libraries() -> None:
+    """Our own progress bars and messages say what happens; the libraries' per-file chatter is noise."""
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
+    diffusers.logging.disable_progress_bar()
+
+
 def _groups(channels) -> int:
     """Largest GroupNorm group count (<= 32) that divides every channel width."""
     g = math.gcd(*channels)

@@ -26,6 +26,7 @@ from .config import TrainCfg, apply_overrides, from_dict, to_dict
 from .data import PairData, load_pairs_data, to_model_range
 from .engine import Engine, StageSpec, atomic_write_text
 from .errors import UsageError
+from .models import quiet_libraries
 
 STAGES = ("tokenizer", "clip", "vae", "unet")
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler", "clip")
@@ -82,8 +83,7 @@ def train(data_source: str, out: str | Path, cfg: TrainCfg, stages: tuple[str, .
     """Run the stages; return the finished model folder (or the partial one if stages remain)."""
     out = Path(out)
     work = partial_dir(out)
-    _quiet_libraries()
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    quiet_libraries()
     engine = Engine(work, cfg.seed, cfg.mixed_precision, cfg.checkpoint_every, cfg.eval_every, cfg.log_every,
                     progress)
     if engine.is_main:
@@ -118,17 +118,6 @@ def train(data_source: str, out: str | Path, cfg: TrainCfg, stages: tuple[str, .
     if engine.is_main and all((work / c).exists() for c in COMPONENTS):
         return finalize(run)
     return out if out.exists() and not work.exists() else work
-
-
-def _quiet_libraries() -> None:
-    """Our own progress bars and logs say what happens; the libraries' per-file chatter is noise here."""
-    import diffusers
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    diffusers.logging.set_verbosity_error()
-    diffusers.logging.disable_progress_bar()
 
 
 def _prepare_folders(out: Path, work: Path, resume: bool, overwrite: bool) -> None:

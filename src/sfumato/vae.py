@@ -93,8 +93,11 @@ def vae_stage(cfg, data: PairData, vae, engine) -> StageSpec:
 
     def loss_fn(model, g):
         idx = train_idx[torch.randint(len(train_idx), (v.batch_size,), generator=g).numpy()]
-        x = to_model_range(data.images[np.sort(idx)]).to(engine.device)
-        return model(x)
+        x = data.images[np.sort(idx)]
+        if 0 < v.crop < x.shape[-1]:
+            y0, x0 = torch.randint(x.shape[-1] - v.crop + 1, (2,), generator=g).tolist()
+            x = x[..., y0:y0 + v.crop, x0:x0 + v.crop]
+        return model(to_model_range(x).to(engine.device))
 
     def eval_fn(step):
         return vae_metrics(vae, data)

@@ -1,0 +1,152 @@
+"""`sfumato generate`: prompts in, PNGs out (with AUTOMATIC1111 `parameters` chunks), never half-written.
+
+    sfumato generate "a red circle to the left of a blue square" -n 4 --grid --out outputs/
+    sfumato generate --prompts prompts.txt --out batch/      # batch/index.jsonl lists every image
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from .errors import UsageError
+
+MAX_PROMPTS = 10_000
+
+
+def save_png(img: Image.Image, path: Path) -> None:
+    """Write a PNG with its `parameters` text chunk, via a temporary file and an atomic rename."""
+    meta = PngImagePlugin.PngInfo()
+    if "parameters" in img.info:
+        meta.add_text("parameters", img.info["parameters"])
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        img.save(tmp, format="PNG", pnginfo=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_parameters(path: Path) -> str:
+    """The `parameters` chunk of a PNG written by sfumato or AUTOMATIC1111."""
+    from .pairs import open_image
+
+    img = open_image(path)
+    with Image.open(path) as raw:
+        text = raw.info.get("parameters") or img.info.get("parameters")
+    if not text:
+        raise UsageError(f"{path} has no generation parameters")
+    return text
+
+
+def slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "image"
+
+
+def read_prompts(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read prompts from {path}: {e}") from None
+    prompts = [l.strip() for l in lines if l.strip() and not l.lstrip().startswith("#")]
+    if not prompts:
+        raise UsageError(f"{path} holds no prompts (one a line; lines starting with # are skipped)")
+    if len(prompts) > MAX_PROMPTS:
+        raise UsageError(f"{path} holds {len(prompts)} prompts; the limit is {MAX_PROMPTS}")
+    return prompts
+
+
+@dataclass
+class Plan:
+    """Where each image of a run goes, decided (and checked) before anything is generated."""
+
+    folder: Path
+    single_file: Path | None = None  # --out FILE.png with one image
+    stem: str | None = None  # --out FILE.png with several: FILE-0.png, FILE-1.png, ...
+
+    @classmethod
+    def make(cls, out: Path, n_total: int, batch: bool) -> "Plan":
+        if out.suffix.lower() == ".png":
+            if batch:
+                raise UsageError("--prompts writes a folder: give --out a folder, not a .png file")
+            if out.is_dir():
+                raise UsageError(f"{out} is a folder; drop the .png suffix or pick another name")
+            return cls(out.parent, out) if n_total == 1 else cls(out.parent, stem=out.stem)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out} exists and is not a folder")
+        return cls(out)
+
+    def path(self, prompt: str, seed: int, k: int) -> Path:
+        if self.single_file is not None:
+            return self.single_file
+        return self.folder / (f"{self.stem}-{k}.png" if self.stem else f"{k:05d}-{seed}-{slug(prompt)}.png")
+
+    def grid_path(self) -> Path:
+        name = (self.single_file.stem if self.single_file else self.stem) if (self.single_file or self.stem) else ""
+        return self.folder / (f"{name}-grid.png" if name else "grid.png")
+
+
+def run(pipe, prompts: list[str], out: Path, n: int, seed: int, grid: bool, batch: bool, progress: bool = True,
+        **kw) -> list[Path]:
+    """Generate n images per prompt; write them, index.jsonl for batches, and an optional grid."""
+    from .viz import make_grid
+
+    plan = Plan.make(out, n * len(prompts), batch)
+    for p in prompts:  # check every prompt and setting before the first image is drawn
+        pipe.check(_settings(p, seed, kw), n)
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    written, rows, images = [], [], []
+    bar = _bar(len(prompts) * n) if progress else None
+    try:
+        for j, prompt in enumerate(prompts):
+            for i, img in enumerate(pipe.generate(prompt, n=n, seed=seed + j * n, **kw)):
+                k = j * n + i
+                path = plan.path(prompt, seed + k, k)
+                save_png(img, path)
+                written.append(path)
+                images.append(img)
+                rows.append({"file": path.name, "prompt": prompt, "seed": seed + k,
+                             "parameters": img.info["parameters"], **_row_settings(kw)})
+                if bar:
+                    bar[0].advance(bar[1])
+    finally:
+        if bar:
+            bar[0].stop()
+    if batch:
+        index = plan.folder / "index.jsonl"
+        tmp = index.with_name(".index.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, index)
+    if grid:
+        sheet = make_grid(images, [r["prompt"] for r in rows], cols=min(len(images), max(n, 4)))
+        save_png(sheet, plan.grid_path())
+        written.append(plan.grid_path())
+    return written
+
+
+def _settings(prompt, seed, kw):
+    from .pipeline import GenerationSettings
+
+    size = kw.get("size", 0)
+    w, h = (size, size) if isinstance(size, int) else size
+    return GenerationSettings(prompt, kw.get("negative", ""), seed, kw.get("steps", 20), kw.get("guidance", 4.0),
+                              kw.get("scheduler", "DPM++ 2M"), w, h)
+
+
+def _row_settings(kw) -> dict:
+    keep = ("steps", "guidance", "negative", "scheduler", "size", "strength")
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k in keep}
+
+
+def _bar(total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    p = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
+    task = p.add_task("gen", total=total)
+    p.start()
+    return p, task

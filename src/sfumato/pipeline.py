@@ -1,0 +1,290 @@
+"""Load a diffusers-layout model folder and generate: text-to-image, img2img, inpainting.
+
+    import sfumato
+    pipe = sfumato.load()                        # the shipped default model
+    images = pipe.generate("two red squares", seed=1)
+    images[0].info["parameters"]                 # AUTOMATIC1111-style generation parameters
+
+Any Stable Diffusion 1.x/2.x folder in the diffusers layout loads too (`sfumato.load("path/to/sd15")`);
+weights are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import SfumatoError, UsageError
+from .models import quiet_libraries
+from .sampling import decode_latents
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
+
+# AUTOMATIC1111 sampler names -> (diffusers scheduler class, config overrides).
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler",
+                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "DDIM": ("DDIMScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "DDPM": ("DDPMScheduler", {}),
+}
+DEFAULT_SCHEDULER = "DPM++ 2M"
+MAX_SIDE = 2048
+MAX_STEPS = 1000
+MAX_IMAGES = 256
+
+
+def list_schedulers() -> list[str]:
+    return list(SCHEDULERS)
+
+
+def make_scheduler(name: str, base_config):
+    """A fresh scheduler of the named kind on the model's noise schedule (schedulers hold state)."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+    cls_name, overrides = SCHEDULERS[name]
+    cfg = dict(base_config)
+    if cfg.get("rescale_betas_zero_snr"):
+        cfg["timestep_spacing"] = "trailing"  # zero terminal SNR needs the last timestep sampled
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return getattr(diffusers, cls_name).from_config(cfg, **overrides)
+
+
+@dataclass
+class GenerationSettings:
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 4.0
+    scheduler: str = DEFAULT_SCHEDULER
+    width: int = 0  # 0: the model's native size
+    height: int = 0
+    strength: float | None = None  # img2img / inpainting
+    extra: dict = field(default_factory=dict)
+
+    def parameters(self, model_name: str, model_hash: str) -> str:
+        """AUTOMATIC1111's `parameters` text: prompt, negative prompt, then a comma-separated line."""
+        line = [f"Steps: {self.steps}", f"Sampler: {self.scheduler}", f"CFG scale: {self.guidance:g}",
+                f"Seed: {self.seed}", f"Size: {self.width}x{self.height}", f"Model hash: {model_hash}",
+                f"Model: {model_name}"]
+        if self.strength is not None:
+            line.append(f"Denoising strength: {self.strength:g}")
+        line += [f"{k}: {v}" for k, v in self.extra.items()]
+        neg = f"\nNegative prompt: {self.negative}" if self.negative else ""
+        return f"{self.prompt}{neg}\n" + ", ".join(line)
+
+
+def parse_parameters(text: str) -> dict:
+    """Inverse of GenerationSettings.parameters (AUTOMATIC1111 format)."""
+    lines = text.strip().split("\n")
+    out: dict = {"prompt": "", "negative_prompt": ""}
+    settings = lines[-1] if lines and lines[-1].startswith("Steps:") else ""
+    body = lines[:-1] if settings else lines
+    neg_at = next((i for i, l in enumerate(body) if l.startswith("Negative prompt:")), len(body))
+    out["prompt"] = "\n".join(body[:neg_at])
+    out["negative_prompt"] = "\n".join(body[neg_at:])[len("Negative prompt:"):].strip()
+    for part in settings.split(", "):
+        k, sep, v = part.partition(": ")
+        if sep:
+            out[k] = v
+    return out
+
+
+def model_hash(folder: Path) -> str:
+    """Short hash of the UNet weights (as A1111 shows a checkpoint hash)."""
+    f = next(iter(sorted((folder / "unet").glob("*.safetensors"))), None)
+    if f is None:
+        return "unknown"
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        h.update(fh.read(1 << 20))  # the header and first MiB identify the file well enough
+    h.update(str(f.stat().st_size).encode())
+    return h.hexdigest()[:10]
+
+
+class Pipeline:
+    """The loaded components of a model folder plus generate()."""
+
+    def __init__(self, folder: Path, tokenizer, text_encoder, vae, unet, scheduler_config, device="cpu"):
+        self.folder, self.tokenizer, self.text_encoder = folder, tokenizer, text_encoder
+        self.vae, self.unet, self.scheduler_config, self.device = vae, unet, scheduler_config, device
+        self.name = folder.name if folder != DEFAULT_MODEL else "sfumato-default"
+        self.hash = model_hash(folder)
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.native = unet.config.sample_size * self.factor
+        self.multiple = self.factor * 2 ** (len(unet.config.block_out_channels) - 1)
+
+    # ---------------------------------------------------------------- prompts
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
+        """Text states (B, L, D) and a warning for each prompt cut at the context length."""
+        tok = self.tokenizer
+        n = tok.model_max_length
+        full = tok(prompts, truncation=False, verbose=False).input_ids
+        notes = []
+        for p, ids in zip(prompts, full):
+            if len(ids) > n:
+                dropped = tok.decode(ids[n - 1:-1]).strip()
+                notes.append(f"prompt longer than the {n}-token context; dropped: {dropped!r}")
+        ids = tok(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return self.text_encoder(ids.to(self.device))[0], notes
+
+    # ---------------------------------------------------------------- generation
+
+    def check(self, s: GenerationSettings, n: int) -> GenerationSettings:
+        """Validate settings against the limits; fill in the native size."""
+        if not s.prompt.strip():
+            raise UsageError("the prompt is empty")
+        if not 1 <= s.steps <= MAX_STEPS:
+            raise UsageError(f"--steps must be between 1 and {MAX_STEPS}, got {s.steps}")
+        if not 1 <= n <= MAX_IMAGES:
+            raise UsageError(f"--num-images must be between 1 and {MAX_IMAGES}, got {n}")
+        if not 0 <= s.guidance <= 50:
+            raise UsageError(f"--guidance must be between 0 and 50, got {s.guidance}")
+        if s.strength is not None and not 0 <= s.strength <= 1:
+            raise UsageError(f"--strength must be between 0 and 1, got {s.strength}")
+        make_scheduler(s.scheduler, self.scheduler_config)  # unknown names fail here
+        s.width, s.height = s.width or self.native, s.height or self.native
+        for side in (s.width, s.height):
+            if not self.multiple <= side <= MAX_SIDE or side % self.multiple:
+                raise UsageError(f"--size must be a multiple of {self.multiple} between {self.multiple} "
+                                 f"and {MAX_SIDE} px, got {s.width}x{s.height}")
+        return s
+
+    @torch.no_grad()
+    def generate(self, prompt: str, n: int = 1, seed: int = 0, steps: int = 20, guidance: float = 4.0,
+                 negative: str = "", scheduler: str = DEFAULT_SCHEDULER, size: int | tuple[int, int] = 0,
+                 init_image: Image.Image | None = None, strength: float = 0.75, mask: Image.Image | None = None,
+                 callback: Callable[[dict], None] | None = None) -> list[Image.Image]:
+        """Generate n images; image i uses seed + i. Returns PIL images with info["parameters"]."""
+        w, h = (size, size) if isinstance(size, int) else size
+        s = self.check(GenerationSettings(prompt, negative, seed, steps, guidance, scheduler, w, h,
+                                          strength if init_image is not None else None), n)
+        init = self._init_latents(init_image, mask, s)
+        cond, notes = self.encode([s.prompt] * n)
+        uncond, _ = self.encode([s.negative] * n)
+        for note in notes[:1]:
+            warnings.warn(note)
+        shape = (self.unet.config.in_channels, s.height // self.factor, s.width // self.factor)
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
+                             for i in range(n)]).to(self.device)
+        sched = make_scheduler(s.scheduler, self.scheduler_config)
+        latents = self._denoise(sched, cond, uncond, noise, s, init, callback)
+        pixels = decode_latents(self.vae, latents).numpy()
+        if init is not None and init["mask_px"] is not None:  # keep unmasked pixels exactly
+            m = init["mask_px"][..., None]
+            pixels = np.where(m > 0, pixels, init["pixels"][None]).astype(np.uint8)
+        images = []
+        for i, a in enumerate(pixels):
+            img = Image.fromarray(a)
+            si = GenerationSettings(**{**asdict(s), "seed": seed + i})
+            img.info["parameters"] = si.parameters(self.name, self.hash)
+            images.append(img)
+        return images
+
+    def _init_latents(self, init_image, mask, s: GenerationSettings) -> dict | None:
+        if init_image is None:
+            if mask is not None:
+                raise UsageError("--mask needs --init-image")
+            return None
+        img = init_image.convert("RGB")
+        if img.size != (s.width, s.height):
+            img = img.resize((s.width, s.height), Image.BICUBIC)
+        pixels = np.asarray(img)
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
+        z = self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
+        mask_px = mask_lat = None
+        if mask is not None:
+            if mask.size != init_image.size:
+                raise UsageError(f"--mask is {mask.size[0]}x{mask.size[1]} but --init-image is "
+                                 f"{init_image.size[0]}x{init_image.size[1]}; they must match")
+            m = mask.convert("L").resize((s.width, s.height), Image.NEAREST)
+            mask_px = (np.asarray(m) >= 128).astype(np.uint8)  # white = repaint
+            small = m.resize((s.width // self.factor, s.height // self.factor), Image.BOX)
+            # Any latent pixel touched by the mask is repainted; the rest follows the init image.
+            mask_lat = torch.from_numpy((np.asarray(small) > 0).astype(np.float32))[None, None].to(self.device)
+        return {"latents": z, "pixels": pixels, "mask_px": mask_px, "mask_lat": mask_lat}
+
+    def _denoise(self, sched, cond, uncond, noise, s: GenerationSettings, init, callback):
+        """The loop of sampling.denoise, extended with img2img start and inpainting blends."""
+        sched.set_timesteps(s.steps, device=self.device)
+        timesteps = sched.timesteps
+        if init is None:
+            latents = noise * sched.init_noise_sigma
+        else:
+            # img2img: skip the first (1 - strength) of the schedule and start from the noised image.
+            keep = min(int(round(s.steps * s.strength)), s.steps)
+            start = s.steps - keep
+            timesteps = timesteps[start * sched.order:]
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(start * sched.order)
+            base = init["latents"].expand_as(noise)
+            if len(timesteps) == 0:
+                return base
+            latents = sched.add_noise(base, noise, timesteps[:1])
+        use_cfg = s.guidance != 1.0
+        context = torch.cat([uncond, cond]) if use_cfg else cond
+        for i, t in enumerate(timesteps):
+            x = torch.cat([latents] * 2) if use_cfg else latents
+            x = sched.scale_model_input(x, t)
+            pred = self.unet(x, t, encoder_hidden_states=context).sample
+            if use_cfg:
+                pu, pc = pred.chunk(2)
+                pred = pu + s.guidance * (pc - pu)
+            latents = sched.step(pred, t, latents, return_dict=False)[0]
+            if init is not None and init["mask_lat"] is not None:
+                # Blended diffusion: outside the mask, put back the init image at the next noise level.
+                base = init["latents"].expand_as(noise)
+                if i + 1 < len(timesteps):
+                    base = sched.add_noise(base, noise, timesteps[i + 1:i + 2])
+                m = init["mask_lat"]
+                latents = m * latents + (1 - m) * base
+            if callback is not None:
+                callback({"i": i, "t": int(t), "latents": latents, "total": len(timesteps)})
+        return latents
+
+
+def load(model: str | Path | None = None, device: str | None = None) -> Pipeline:
+    """Load a diffusers-layout Stable Diffusion folder (default: the shipped model)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(model) if model else DEFAULT_MODEL
+    if not folder.is_dir():
+        if model is None:
+            raise SfumatoError(f"the default model is missing from this installation ({folder})")
+        raise UsageError(f"model folder {folder} does not exist")
+    missing = [c for c in ("tokenizer", "text_encoder", "vae", "unet", "scheduler") if not (folder / c).is_dir()]
+    if missing:
+        raise UsageError(f"{folder} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}/")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    quiet_libraries()
+    try:
+        kw = {"local_files_only": True, "use_safetensors": True}
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw).to(device).eval()
+        vae = AutoencoderKL.from_pretrained(folder / "vae", **kw).to(device).eval()
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw).to(device).eval()
+        sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise SfumatoError(f"cannot load model from {folder}: {str(e).splitlines()[0]}") from None
+    sched_cfg = {k: v for k, v in sched_cfg.items() if not k.startswith("_")}
+    return Pipeline(folder, tokenizer, text_encoder, vae, unet, sched_cfg, device)

@@ -9,4 +9,12 @@ except PackageNotFoundError:  # running from a source tree
 
 from .errors import SfumatoError, UsageError
 
-__all__ = ["__version__", "SfumatoError", "UsageError"]
+
+def load(model=None, device=None):
+    """Load a model folder (default: the shipped model) for generation; see sfumato.pipeline."""
+    from .pipeline import load as _load
+
+    return _load(model, device)
+
+
+__all__ = ["__version__", "SfumatoError", "UsageError", "load"]

@@ -23,6 +23,8 @@ app = typer.Typer(help="Learn, generate, search and explain images from paired d
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Make and inspect paired data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+eval_app = typer.Typer(help="Measure what a model gets right.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 try:  # newer typer releases ship their own copy of click
     from typer._click import exceptions as _typer_click
@@ -128,7 +130,7 @@ def train_cmd(
     stages: str = typer.Option("tokenizer,clip,vae,unet", "--stages", help="Comma-separated stages to run."),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON config (sections data, clip, vae, unet, ...)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value: section.key=value."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run (or train a finished model on)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Resume even if the data changed."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model or unfinished run."),
 ) -> None:
@@ -221,6 +223,44 @@ def info_cmd(image: Path = typer.Argument(..., help="A PNG written by sfumato or
     from .generate import read_parameters
 
     out.print(read_parameters(image), highlight=False, markup=False)
+
+
+# ---------------------------------------------------------------- eval
+
+
+@eval_app.command("compositional")
+def eval_compositional(
+    out_dir: Path = typer.Option(..., "--out", help="Folder for results.json, verdicts.jsonl, grids and images."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: shipped model)."),
+    per_category: int = typer.Option(50, "--per-category", help="Prompts per category."),
+    seed: int = typer.Option(0, "--seed", help="Seed for prompts and images."),
+    steps: int = typer.Option(20, "--steps", help="Sampler steps."),
+    guidance: float = typer.Option(4.0, "--guidance", help="Classifier-free guidance scale."),
+    scheduler: str = typer.Option("DPM++ 2M", "--scheduler", help="Sampler name."),
+    category: Optional[list[str]] = typer.Option(None, "--category", help="Only these categories (repeatable)."),
+) -> None:
+    """Generate prompts of every GenEval-style category and judge each image with the scene checker."""
+    from .evaluate import evaluate_compositional
+    from .pipeline import load
+    from .shapesworld import spec
+
+    cats = tuple(category or spec.CATEGORIES)
+    bad = [c for c in cats if c not in spec.CATEGORIES]
+    if bad:
+        raise UsageError(f"unknown category {bad[0]!r}; choose from {', '.join(spec.CATEGORIES)}")
+    if not 1 <= per_category <= 10_000:
+        raise UsageError(f"--per-category must be between 1 and 10000, got {per_category}")
+    pipe = load(model)
+    r = evaluate_compositional(pipe, out_dir, per_category, seed, steps, guidance, scheduler, cats)
+    out.print(f"overall {r['overall']:.3f}  ({per_category} prompts per category, {r['seconds_per_image']:.2f} s/image)")
+    for c, rate in r["per_category"].items():
+        out.print(f"  {c:<18} {rate:.3f}")
+    out.print(f"results: {out_dir / 'results.json'}")
+
+
+from .cli_search import register as _register_search  # noqa: E402
+
+_register_search(app)
 
 
 # ---------------------------------------------------------------- entry point

@@ -187,8 +187,10 @@ class Pipeline:
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
                              for i in range(n)]).to(self.device)
         sched = make_scheduler(s.scheduler, self.scheduler_config)
-        latents = self._denoise(sched, cond, uncond, noise, s, init, callback)
-        pixels = decode_latents(self.vae, latents).numpy()
+        if init is not None and round(s.steps * s.strength) == 0:
+            pixels = np.repeat(init["pixels"][None], n, axis=0)  # nothing to re-run: the input as it is
+        else:
+            pixels = decode_latents(self.vae, self._denoise(sched, cond, uncond, noise, s, init, callback)).numpy()
         if init is not None and init["mask_px"] is not None:  # keep unmasked pixels exactly
             m = init["mask_px"][..., None]
             pixels = np.where(m > 0, pixels, init["pixels"][None]).astype(np.uint8)
@@ -236,10 +238,7 @@ class Pipeline:
             timesteps = timesteps[start * sched.order:]
             if hasattr(sched, "set_begin_index"):
                 sched.set_begin_index(start * sched.order)
-            base = init["latents"].expand_as(noise)
-            if len(timesteps) == 0:
-                return base
-            latents = sched.add_noise(base, noise, timesteps[:1])
+            latents = sched.add_noise(init["latents"].expand_as(noise), noise, timesteps[:1])
         use_cfg = s.guidance != 1.0
         context = torch.cat([uncond, cond]) if use_cfg else cond
         for i, t in enumerate(timesteps):

@@ -11,7 +11,6 @@ once every component is there, so a killed run never leaves a folder that looks 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import random
 import shutil
@@ -24,8 +23,9 @@ import torch
 from . import __version__
 from .config import TrainCfg, apply_overrides, from_dict, to_dict
 from .data import PairData, load_pairs_data, to_model_range
-from .engine import Engine, StageSpec, atomic_write_text
+from .engine import Engine, StageSpec
 from .errors import UsageError
+from .files import atomic_write_text, publish_dir
 from .models import quiet_libraries
 
 STAGES = ("tokenizer", "clip", "vae", "unet")
@@ -121,17 +121,18 @@ def train(data_source: str, out: str | Path, cfg: TrainCfg, stages: tuple[str, .
 
 
 def _prepare_folders(out: Path, work: Path, resume: bool, overwrite: bool) -> None:
-    if overwrite:
-        shutil.rmtree(work, ignore_errors=True)
-    elif out.exists() and not resume:
-        raise UsageError(f"{out} exists; pass --overwrite to replace it")
-    if work.exists() and not resume and not overwrite:
-        raise UsageError(f"an unfinished run is in {work}; pass --resume to continue it or --overwrite to restart")
-    if resume and not work.exists():
-        if out.exists():  # resuming a finished model: more steps or more stages on top of it
-            shutil.copytree(out, work, ignore=shutil.ignore_patterns("checkpoints"))
-        else:
+    """Refuse to clobber a model or an unfinished run unless asked; a finished MODEL is only replaced
+    at the very end, so an interrupted --overwrite run keeps the old model and can be resumed."""
+    if resume:
+        if not work.exists():
             raise UsageError(f"nothing to resume: {work} does not exist")
+    else:
+        if overwrite:
+            shutil.rmtree(work, ignore_errors=True)
+        elif out.exists():
+            raise UsageError(f"{out} exists; pass --overwrite to replace it")
+        elif work.exists():
+            raise UsageError(f"an unfinished run is in {work}; pass --resume to continue it or --overwrite to restart")
     (work / "logs").mkdir(parents=True, exist_ok=True)
 
 
@@ -151,13 +152,7 @@ def finalize(run: Run) -> Path:
     (work / "sfumato.json").write_text(json.dumps(card, indent=1, default=str))
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     (work / "run.json").unlink(missing_ok=True)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
+    publish_dir(work, out)
     return out
 
 

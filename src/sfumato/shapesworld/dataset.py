@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -16,6 +15,7 @@ from typing import Iterator
 from PIL import Image
 
 from ..errors import UsageError
+from ..files import publish_dir
 from . import spec
 from .render import Scene, make_scene, render
 
@@ -99,13 +99,7 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, res: int = spec.BASE_R
                 counts[record["category"]] += 1
         summary = {"n": n, "seed": seed, "res": res, "categories": dict(sorted(counts.items()))}
         (tmp / "shapesworld.json").write_text(json.dumps({"version": 1, **summary}, indent=1))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,120 @@
+"""Compositional evaluation (GenEval-style) of a generator with the ShapesWorld scene checker.
+
+    sfumato eval compositional --per-category 50 --out eval/
+
+Samples prompts per category from the caption grammar, generates one image per prompt, judges it,
+and writes results.json (overall = mean of the category pass rates), verdicts.jsonl and a marked
+grid per category.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+from .shapesworld import spec
+
+
+def sample_prompt(rng: random.Random, category: str) -> str:
+    """One evaluation prompt of the given category, in the fixed forms of SHAPESWORLD.md."""
+    shapes, colors = spec.SHAPES, tuple(spec.COLORS)
+    if category == "single_object":
+        return f"a {rng.choice(shapes)}"
+    if category == "colors":
+        return f"a {rng.choice(colors)} {rng.choice(shapes)}"
+    if category == "size":
+        size = rng.choice(("small", "large"))
+        return f"a {rng.choice(spec.SIZE_WORDS[size])} {rng.choice(shapes)}"
+    if category == "background":
+        return f"a {rng.choice(colors)} {rng.choice(shapes)} on a {rng.choice(tuple(spec.BACKGROUNDS))} background"
+    if category == "two_objects":
+        a, b = rng.sample(shapes, 2)
+        return f"a {a} and a {b}"
+    if category == "counting":
+        n = rng.choice(tuple(spec.NUMBERS))
+        return f"{n} {rng.choice(colors)} {spec.PLURALS[rng.choice(shapes)]}"
+    if category == "position":
+        (a, b), (ca, cb) = rng.sample(shapes, 2), (rng.choice(colors), rng.choice(colors))
+        rel = rng.choice(spec.RELATION_WORDS[rng.choice(spec.RELATIONS)])
+        return f"a {ca} {a} {rel} a {cb} {b}"
+    if category == "attribute_binding":
+        (a, b), (ca, cb) = rng.sample(shapes, 2), rng.sample(colors, 2)
+        return f"a {ca} {a} and a {cb} {b}"
+    if category == "text":
+        d, c = rng.randrange(10), rng.choice(colors)
+        return rng.choice((f"the digit {d} in {c}", f"a {c} digit {d}"))
+    raise ValueError(f"unknown category {category!r}")
+
+
+def evaluation_prompts(per_category: int, seed: int = 0,
+                       categories: tuple[str, ...] = spec.CATEGORIES) -> list[tuple[str, str]]:
+    rng = random.Random(f"sfumato-eval/{seed}")
+    return [(c, sample_prompt(rng, c)) for c in categories for _ in range(per_category)]
+
+
+def summarize(verdicts: list[dict]) -> dict:
+    """Per-category pass rates and their unweighted mean."""
+    cats: dict[str, list[bool]] = {}
+    for v in verdicts:
+        cats.setdefault(v["category"], []).append(bool(v["pass"]))
+    per = {c: sum(v) / len(v) for c, v in cats.items()}
+    return {"overall": sum(per.values()) / len(per) if per else 0.0, "per_category": per,
+            "counts": {c: len(v) for c, v in cats.items()}}
+
+
+def evaluate_compositional(pipe, out: Path, per_category: int = 50, seed: int = 0, steps: int = 20,
+                           guidance: float = 4.0, scheduler: str = "DPM++ 2M",
+                           categories: tuple[str, ...] = spec.CATEGORIES, progress: bool = True) -> dict:
+    """Generate, judge and report; returns the results dict also written to out/results.json."""
+    from PIL import Image
+
+    from .generate import save_png
+    from .shapesworld.checker import judge
+    from .viz import make_grid
+
+    prompts = evaluation_prompts(per_category, seed, categories)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(exist_ok=True)
+    verdicts: list[dict] = []
+    images: dict[str, list[tuple[Image.Image, str, bool]]] = {}
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        task = bar.add_task("generating and judging", total=len(prompts))
+        bar.start()
+    try:
+        for k, (category, prompt) in enumerate(prompts):
+            img = pipe.generate(prompt, n=1, seed=seed + k, steps=steps, guidance=guidance, scheduler=scheduler)[0]
+            v = judge(img, prompt)
+            name = f"{category}-{k:05d}.png"
+            save_png(img, out / "images" / name)
+            verdicts.append({"category": category, "prompt": prompt, "file": f"images/{name}", "seed": seed + k,
+                             "pass": bool(v.passed), "reason": v.reason})
+            images.setdefault(category, []).append((img, prompt, bool(v.passed)))
+            if bar:
+                bar.advance(task)
+    finally:
+        if bar:
+            bar.stop()
+    seconds = time.perf_counter() - t0
+    for category, items in images.items():
+        make_grid([i for i, _, _ in items], [p for _, p, _ in items], cols=10, cell=96,
+                  marks=[m for _, _, m in items]).save(out / f"grid-{category}.png")
+    results = {**summarize(verdicts), "model": str(pipe.folder), "model_hash": pipe.hash, "per_category_n": per_category,
+               "seed": seed, "steps": steps, "guidance": guidance, "scheduler": scheduler,
+               "seconds_per_image": seconds / max(1, len(prompts))}
+    _write_json(out / "results.json", results)
+    (out / "verdicts.jsonl").write_text("".join(json.dumps(v) + "\n" for v in verdicts), encoding="utf-8")
+    return results
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    os.replace(tmp, path)

@@ -33,8 +33,9 @@ except ImportError:  # pragma: no cover
 USAGE_ERRORS = (click.exceptions.UsageError, _typer_click.UsageError)
 ABORTS = (click.exceptions.Abort, getattr(_typer_click, "Abort", click.exceptions.Abort), KeyboardInterrupt)
 
-console = Console(stderr=True)
-out = Console()
+# soft_wrap: a one-line error stays one line when stderr is a pipe or a narrow terminal.
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 _state = {"verbose": False}
 
 

@@ -54,6 +54,9 @@ class VaeCfg:
     channels: tuple[int, ...] = (32, 64, 64)  # len - 1 down-samplings: (a, b, c) -> factor 4
     latent_channels: int = 4
     layers_per_block: int = 1
+    # GroupNorm groups (0: the most that divide every width). One channel per group normalises away
+    # each feature map's mean, i.e. the flat colours ShapesWorld is made of.
+    norm_groups: int = 0
     steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3

@@ -24,7 +24,7 @@ from PIL import Image
 
 from .errors import SfumatoError, UsageError
 from .models import quiet_libraries
-from .sampling import decode_latents
+from .sampling import decode_latents, denoise, seeded_noise
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
 
@@ -184,13 +184,15 @@ class Pipeline:
         for note in notes[:1]:
             warnings.warn(note)
         shape = (self.unet.config.in_channels, s.height // self.factor, s.width // self.factor)
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
-                             for i in range(n)]).to(self.device)
+        noise, gens = seeded_noise(shape, n, seed, self.device)
         sched = make_scheduler(s.scheduler, self.scheduler_config)
         if init is not None and round(s.steps * s.strength) == 0:
             pixels = np.repeat(init["pixels"][None], n, axis=0)  # nothing to re-run: the input as it is
         else:
-            pixels = decode_latents(self.vae, self._denoise(sched, cond, uncond, noise, s, init, callback)).numpy()
+            src = init or {"latents": None, "mask_lat": None}
+            latents = denoise(self.unet, sched, cond, uncond, noise, s.steps, s.guidance, callback, gens,
+                              src["latents"], s.strength or 1.0, src["mask_lat"])
+            pixels = decode_latents(self.vae, latents).numpy()
         if init is not None and init["mask_px"] is not None:  # keep unmasked pixels exactly
             m = init["mask_px"][..., None]
             pixels = np.where(m > 0, pixels, init["pixels"][None]).astype(np.uint8)
@@ -210,7 +212,7 @@ class Pipeline:
         img = init_image.convert("RGB")
         if img.size != (s.width, s.height):
             img = img.resize((s.width, s.height), Image.BICUBIC)
-        pixels = np.asarray(img)
+        pixels = np.array(img)  # writable: torch.from_numpy warns on read-only arrays
         x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
         z = self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
         mask_px = mask_lat = None
@@ -224,41 +226,6 @@ class Pipeline:
             # Any latent pixel touched by the mask is repainted; the rest follows the init image.
             mask_lat = torch.from_numpy((np.asarray(small) > 0).astype(np.float32))[None, None].to(self.device)
         return {"latents": z, "pixels": pixels, "mask_px": mask_px, "mask_lat": mask_lat}
-
-    def _denoise(self, sched, cond, uncond, noise, s: GenerationSettings, init, callback):
-        """The loop of sampling.denoise, extended with img2img start and inpainting blends."""
-        sched.set_timesteps(s.steps, device=self.device)
-        timesteps = sched.timesteps
-        if init is None:
-            latents = noise * sched.init_noise_sigma
-        else:
-            # img2img: skip the first (1 - strength) of the schedule and start from the noised image.
-            keep = min(int(round(s.steps * s.strength)), s.steps)
-            start = s.steps - keep
-            timesteps = timesteps[start * sched.order:]
-            if hasattr(sched, "set_begin_index"):
-                sched.set_begin_index(start * sched.order)
-            latents = sched.add_noise(init["latents"].expand_as(noise), noise, timesteps[:1])
-        use_cfg = s.guidance != 1.0
-        context = torch.cat([uncond, cond]) if use_cfg else cond
-        for i, t in enumerate(timesteps):
-            x = torch.cat([latents] * 2) if use_cfg else latents
-            x = sched.scale_model_input(x, t)
-            pred = self.unet(x, t, encoder_hidden_states=context).sample
-            if use_cfg:
-                pu, pc = pred.chunk(2)
-                pred = pu + s.guidance * (pc - pu)
-            latents = sched.step(pred, t, latents, return_dict=False)[0]
-            if init is not None and init["mask_lat"] is not None:
-                # Blended diffusion: outside the mask, put back the init image at the next noise level.
-                base = init["latents"].expand_as(noise)
-                if i + 1 < len(timesteps):
-                    base = sched.add_noise(base, noise, timesteps[i + 1:i + 2])
-                m = init["mask_lat"]
-                latents = m * latents + (1 - m) * base
-            if callback is not None:
-                callback({"i": i, "t": int(t), "latents": latents, "total": len(timesteps)})
-        return latents
 
 
 def load(model: str | Path | None = None, device: str | None = None) -> Pipeline:

@@ -19,18 +19,42 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
+def seeded_noise(shape: tuple[int, ...], n: int, seed: int, device="cpu"):
+    """Initial noise for n images, image i from its own generator seeded seed + i, so an image
+    does not depend on how many were drawn with it. Returns (noise, generators); stochastic
+    samplers (Euler a, DDPM) draw their per-step noise from the same generators."""
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    return noise, gens
+
+
 @torch.no_grad()
-def denoise(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tensor, steps: int,
+def denoise(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor, steps: int,
             guidance: float, callback: Callable[[dict], None] | None = None,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Run the sampler from pure noise `latents` (already scaled by init_noise_sigma) to x0 latents."""
-    # 1. timesteps
-    scheduler.set_timesteps(steps, device=latents.device)
-    latents = latents * scheduler.init_noise_sigma
+            generator: list[torch.Generator] | torch.Generator | None = None,
+            init_latents: torch.Tensor | None = None, strength: float = 1.0,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the sampler from `noise` to x0 latents.
+
+    With `init_latents` (img2img), the first (1 - strength) of the schedule is skipped and sampling
+    starts from the noised init; with `mask` (inpainting, 1 = repaint) the unmasked latents are put
+    back at each step's noise level (blended diffusion)."""
+    # 1. timesteps, and where img2img enters them
+    scheduler.set_timesteps(steps, device=noise.device)
+    timesteps = scheduler.timesteps
+    if init_latents is None:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        start = steps - min(int(round(steps * strength)), steps)
+        timesteps = timesteps[start * scheduler.order:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start * scheduler.order)
+        init_latents = init_latents.expand_as(noise)
+        latents = scheduler.add_noise(init_latents, noise, timesteps[:1])
     use_cfg = guidance != 1.0
     context = torch.cat([uncond, cond]) if use_cfg else cond
-    extra = {"generator": generator} if "generator" in _step_params(scheduler) else {}
-    for i, t in enumerate(scheduler.timesteps):
+    extra = {"generator": generator} if generator is not None and "generator" in _step_params(scheduler) else {}
+    for i, t in enumerate(timesteps):
         # 2. the model input, doubled for guidance
         x = torch.cat([latents] * 2) if use_cfg else latents
         x = scheduler.scale_model_input(x, t)
@@ -41,8 +65,13 @@ def denoise(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, latents: 
             pred = pred_uncond + guidance * (pred_cond - pred_uncond)
         # 4. one sampler step
         latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
+        if mask is not None:
+            base = init_latents
+            if i + 1 < len(timesteps):
+                base = scheduler.add_noise(base, noise, timesteps[i + 1:i + 2])
+            latents = mask * latents + (1 - mask) * base
         if callback is not None:
-            callback({"i": i, "t": int(t), "latents": latents})
+            callback({"i": i, "t": int(t), "latents": latents, "total": len(timesteps)})
     return latents
 
 
@@ -67,7 +96,6 @@ def sample_images(unet, vae, scheduler, tokenizer, text_encoder, prompts: list[s
     cond = encode_prompts(tokenizer, text_encoder, prompts)
     uncond = encode_prompts(tokenizer, text_encoder, [negative] * len(prompts))
     c, s = unet.config.in_channels, unet.config.sample_size
-    noise = torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(seed + i))
-                         for i in range(len(prompts))]).to(device)
-    latents = denoise(unet, scheduler, cond, uncond, noise, steps, guidance)
+    noise, gens = seeded_noise((c, s, s), len(prompts), seed, device)
+    latents = denoise(unet, scheduler, cond, uncond, noise, steps, guidance, generator=gens)
     return decode_latents(vae, latents)

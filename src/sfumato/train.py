@@ -86,13 +86,17 @@ def train(data_source: str, out: str | Path, cfg: TrainCfg, stages: tuple[str, .
     quiet_libraries()
     engine = Engine(work, cfg.seed, cfg.mixed_precision, cfg.checkpoint_every, cfg.eval_every, cfg.log_every,
                     progress)
-    if engine.is_main:
-        _prepare_folders(out, work, resume, overwrite)
-    engine.barrier()
+    _check_folders(out, work, resume, overwrite)
     if resume and (work / "run.json").exists():
         saved = json.loads((work / "run.json").read_text())
         cfg = apply_overrides(from_dict(saved["config"]), list(overrides))
+    # The data is read before anything is written, so a bad data set leaves no folder behind.
     data = load_pairs_data(data_source, cfg.data, progress=progress and engine.is_main)
+    if engine.is_main:
+        if overwrite and not resume:
+            shutil.rmtree(work, ignore_errors=True)
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+    engine.barrier()
     run = Run(out, cfg, data, engine)
     if resume and run.state["data"]["fingerprint"] != data.fingerprint and not force:
         raise UsageError(f"the data at {data_source} changed since this run started "
@@ -120,20 +124,17 @@ def train(data_source: str, out: str | Path, cfg: TrainCfg, stages: tuple[str, .
     return out if out.exists() and not work.exists() else work
 
 
-def _prepare_folders(out: Path, work: Path, resume: bool, overwrite: bool) -> None:
+def _check_folders(out: Path, work: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber a model or an unfinished run unless asked; a finished MODEL is only replaced
     at the very end, so an interrupted --overwrite run keeps the old model and can be resumed."""
     if resume:
         if not work.exists():
             raise UsageError(f"nothing to resume: {work} does not exist")
-    else:
-        if overwrite:
-            shutil.rmtree(work, ignore_errors=True)
-        elif out.exists():
+    elif not overwrite:
+        if out.exists():
             raise UsageError(f"{out} exists; pass --overwrite to replace it")
-        elif work.exists():
+        if work.exists():
             raise UsageError(f"an unfinished run is in {work}; pass --resume to continue it or --overwrite to restart")
-    (work / "logs").mkdir(parents=True, exist_ok=True)
 
 
 def finalize(run: Run) -> Path:

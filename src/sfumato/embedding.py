@@ -1,0 +1,159 @@
+"""Embed images and texts with the CLIP of a model folder, and list the images of a source.
+
+    emb = Embedder.load("models/mine")          # MODEL/clip: CLIPModel + CLIPTokenizer
+    emb.embed_images([img]), emb.embed_texts(["a red circle"])   # (N, D) unit float32
+
+Images are fitted like in training: centre crop to the vision tower's size, scaled to [-1, 1].
+A model's fingerprint is the sha256 of clip/model.safetensors; an index records it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import SfumatoError, UsageError
+from .pairs import DEFAULT_MAX_PIXELS, IMAGE_EXTS, MANIFEST_EXTS, Problem
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """The model folder to use: `model`, or the shipped default; it must hold clip/."""
+    from .pipeline import DEFAULT_MODEL
+
+    folder = Path(model) if model is not None else DEFAULT_MODEL
+    if model is None and not folder.exists():
+        raise UsageError(f"no --model given and the default model is not installed ({folder}); "
+                         "train one with `sfumato train` and pass --model DIR")
+    if not folder.exists():
+        raise UsageError(f"{folder}: no such model folder")
+    if not (folder / "clip" / "model.safetensors").is_file():
+        raise UsageError(f"{folder}: no CLIP model in it (expected {folder / 'clip' / 'model.safetensors'})")
+    return folder
+
+
+def model_fingerprint(folder: str | os.PathLike) -> str:
+    """sha256 of clip/model.safetensors."""
+    h = hashlib.sha256()
+    with open(Path(folder) / "clip" / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Embedder:
+    """A model folder's CLIP towers and tokenizer, on the CPU (or `device`), in eval mode."""
+
+    def __init__(self, folder: Path, clip, tokenizer, fingerprint: str):
+        self.folder, self.clip, self.tokenizer, self.fingerprint = folder, clip, tokenizer, fingerprint
+        self.res = int(clip.config.vision_config.image_size)
+        self.dim = int(clip.config.projection_dim)
+
+    @classmethod
+    def load(cls, model: str | os.PathLike | None = None, device: str = "cpu") -> "Embedder":
+        from transformers import CLIPModel, CLIPTokenizer
+
+        from .models import quiet_libraries
+
+        folder = resolve_model(model)
+        quiet_libraries()
+        try:
+            clip = CLIPModel.from_pretrained(folder / "clip").to(device).eval()
+            tokenizer = CLIPTokenizer.from_pretrained(folder / "clip")
+        except (OSError, ValueError) as e:
+            raise SfumatoError(f"{folder}: cannot load its CLIP model ({e})") from None
+        return cls(folder, clip, tokenizer, model_fingerprint(folder))
+
+    @property
+    def info(self) -> dict:
+        """What an index records about the model that made its vectors."""
+        return {"path": str(self.folder.resolve()), "fingerprint": self.fingerprint, "dim": self.dim,
+                "image_size": self.res}
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.clip.logit_scale.detach().exp().clamp(max=100))
+
+    def pixel_values(self, images):
+        from .data import fit_image, to_model_range, to_uint8_tensor
+
+        return to_model_range(to_uint8_tensor([fit_image(im, self.res, "center-crop") for im in images]))
+
+    def embed_images(self, images, batch_size: int = 64) -> np.ndarray:
+        """PIL images -> (N, D) unit float32."""
+        from .clip import embed_images
+
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        x = self.pixel_values(images).to(self.clip.device)
+        return embed_images(self.clip, x, batch_size).cpu().numpy()
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts -> (N, D) unit float32 (cut to the tokenizer's context length)."""
+        from .clip import embed_texts
+        from .tokenizer import encode
+
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        ids, _ = encode(self.tokenizer, list(texts))
+        return embed_texts(self.clip, ids.to(self.clip.device)).cpu().numpy()
+
+
+# ---------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image to index; caption None when the source has none for it."""
+
+    path: Path
+    caption: str | None = None
+
+
+def list_images(sources: list[str | os.PathLike]) -> tuple[list[ImageItem], list[Problem]]:
+    """Images of each source, in order: an image file, a folder (captions from .txt beside the
+    images if present) or a .jsonl/.csv manifest. Problems of the listing are returned, not raised.
+    """
+    from .pairs import DUPLICATE_IMAGE, IMAGE_WITHOUT_CAPTION, read_pairs
+
+    items: list[ImageItem] = []
+    problems: list[Problem] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTS:
+            txt = path.with_suffix(".txt")
+            items.append(ImageItem(path, _caption(txt) if txt.is_file() else None))
+            continue
+        if path.is_file() and path.suffix.lower() not in MANIFEST_EXTS:
+            problems.append(Problem(path, f"unsupported file type '{path.suffix}' (expected an image "
+                                    f"{', '.join(IMAGE_EXTS)}, a folder or a .jsonl/.csv manifest)", "unsupported"))
+            continue
+        report = read_pairs(path, verify_images=False, max_pixels=DEFAULT_MAX_PIXELS)  # UsageError if missing
+        found = [ImageItem(p.path, p.caption) for p in report.pairs]
+        for pr in report.problems:
+            if pr.kind in (IMAGE_WITHOUT_CAPTION, DUPLICATE_IMAGE):  # captions are optional here
+                found.append(ImageItem(pr.path, None))
+            elif pr.kind != "caption without image":
+                problems.append(pr)
+        items += sorted(found, key=lambda it: it.path.parts) if not _is_manifest(path) else found
+    return items, problems
+
+
+def _is_manifest(path: Path) -> bool:
+    return path.is_file() or (path / "manifest.jsonl").is_file()
+
+
+def _caption(txt: Path) -> str | None:
+    try:
+        return txt.read_text(encoding="utf-8-sig").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def iter_batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

@@ -187,6 +187,12 @@ def generate_cmd(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="A file of prompts, one a line; writes index.jsonl."),
     list_schedulers: bool = typer.Option(False, "--list-schedulers", callback=_list_schedulers, is_eager=True,
                                          help="List sampler names and exit."),
+    explain: bool = typer.Option(False, "--explain", help="Also write per-word attention maps: IMAGE.words.png, "
+                                 "IMAGE.maps.npz."),
+    audit: bool = typer.Option(False, "--audit", help="Say word by word whether each image shows its prompt."),
+    neighbours: int = typer.Option(0, "--neighbours", help="List this many nearest images of --index and a "
+                                   "novelty score (1 - max cosine)."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Index over the training set, for --neighbours."),
 ) -> None:
     """Generate images from a text prompt with the shipped default model or any diffusers SD folder."""
     import warnings
@@ -208,14 +214,48 @@ def generate_cmd(
             kw["mask"] = open_image(mask)
     elif mask is not None:
         raise UsageError("--mask needs --init-image")
+    if neighbours < 0:
+        raise UsageError(f"--neighbours must be 0 or more, got {neighbours}")
+    if (neighbours > 0) != (index is not None):
+        raise UsageError("--neighbours K and --index INDEX go together")
     pipe = load(model)
+    after = _after_image(pipe, audit, neighbours, index) if (audit or neighbours) else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        paths = gen.run(pipe, texts, out_path, num_images, seed, grid, batch=prompts is not None, **kw)
+        paths = gen.run(pipe, texts, out_path, num_images, seed, grid, batch=prompts is not None,
+                        explain=explain, after=after, **kw)
     for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
         console.print(f"warning: {w}", highlight=False, markup=False)
     for p in paths:
         out.print(str(p), highlight=False)
+
+
+def _after_image(pipe, audit: bool, k: int, index):
+    """Per-image reports for generate: an adherence audit and/or the nearest indexed images."""
+    from .cli_explain import _embedder_or_none, print_audit
+    from .explain import audit as audit_image
+    from .explain import neighbours
+
+    emb = _embedder_or_none(pipe.folder)
+    if k and emb is None:
+        raise UsageError(f"--neighbours needs a model with a CLIP (clip/), and {pipe.folder} has none")
+    if k:
+        from .index import open_index
+        from .search import check_model
+
+        check_model(open_index(index).manifest, emb, index)  # before any image is drawn
+
+    def after(img, prompt, path):
+        if audit:
+            print_audit(audit_image(img, prompt, pipe=pipe, embedder=emb), title=f"{path}: {prompt!r}")
+        if k:
+            hits, novelty = neighbours(index, emb, img, k)
+            out.print(f"{path}: novelty {novelty:.3f} (1 - max cosine to {index})", highlight=False)
+            for h in hits:
+                out.print(f"  {h.score:.3f} {h.path}  {h.caption or ''}", highlight=False, markup=False)
+        return []
+
+    return after
 
 
 @app.command("info")
@@ -259,9 +299,11 @@ def eval_compositional(
     out.print(f"results: {out_dir / 'results.json'}")
 
 
+from .cli_explain import register as _register_explain  # noqa: E402
 from .cli_search import register as _register_search  # noqa: E402
 
 _register_search(app)
+_register_explain(app)
 
 
 # ---------------------------------------------------------------- entry point

@@ -122,11 +122,11 @@ PRESETS: dict[str, dict] = {
         "unet.batch_size": 16, "unet.warmup": 5, "unet.lr": 1e-3, "unet.ema_decay": 0.99,
         "checkpoint_every": 20, "eval_every": 60, "log_every": 5,
     },
-    # The shipped default model's recipe, sized for a 2-core CPU.
-    # Measured on 2 cores without AMX: ~75 min with one thread.
+    # The shipped default model's recipe, sized for a 2-core CPU (about two hours with one thread
+    # on a Xeon without AMX; see the README's model card for the measured stage times).
     "small": {
-        "tokenizer.context_length": 32, "clip.steps": 800, "vae.steps": 1200, "vae.crop": 32,
-        "unet.channels": (32, 64, 64), "unet.steps": 2400, "unet.lr": 5e-4, "unet.warmup": 100,
+        "tokenizer.context_length": 32, "clip.steps": 800, "vae.steps": 2500, "vae.crop": 32,
+        "unet.channels": (32, 64, 64), "unet.steps": 3600, "unet.lr": 5e-4, "unet.warmup": 100,
         "checkpoint_every": 200, "eval_every": 400,
     },
     # For a GPU: bigger towers, more steps, bf16.

@@ -92,8 +92,13 @@ class Plan:
 
 
 def run(pipe, prompts: list[str], out: Path, n: int, seed: int, grid: bool, batch: bool, progress: bool = True,
-        **kw) -> list[Path]:
-    """Generate n images per prompt; write them, index.jsonl for batches, and an optional grid."""
+        explain: bool = False, after=None, **kw) -> list[Path]:
+    """Generate n images per prompt; write them, index.jsonl for batches, and an optional grid.
+
+    explain: also write IMAGE.words.png (per-word attention overlays) and IMAGE.maps.npz.
+    after(image, prompt, path) -> [paths]: called once per written image (audits, neighbours)."""
+    from contextlib import nullcontext
+
     from .viz import make_grid
 
     plan = Plan.make(out, n * len(prompts), batch)
@@ -104,11 +109,26 @@ def run(pipe, prompts: list[str], out: Path, n: int, seed: int, grid: bool, batc
     bar = _bar(len(prompts) * n) if progress else None
     try:
         for j, prompt in enumerate(prompts):
-            for i, img in enumerate(pipe.generate(prompt, n=n, seed=seed + j * n, **kw)):
+            if explain:
+                from .explain import generation_capture, word_maps_from_tokens
+            capture = generation_capture(pipe, kw.get("size", 0), kw.get("guidance", 4.0)) if explain else nullcontext()
+            with capture as store:
+                batch_images = pipe.generate(prompt, n=n, seed=seed + j * n, **kw)
+            if explain and store.calls == 0:
+                raise UsageError("--explain has nothing to show: at this --strength the model never runs "
+                                 "(the init image comes back unchanged); raise --strength or drop --explain")
+            for i, img in enumerate(batch_images):
                 k = j * n + i
                 path = plan.path(prompt, seed + k, k)
                 save_png(img, path)
                 written.append(path)
+                if explain:
+                    wm = word_maps_from_tokens(pipe.tokenizer, prompt, img, store.maps()[i])
+                    extra = [path.with_suffix(".words.png"), path.with_suffix(".maps.npz")]
+                    wm.save(*extra)
+                    written += extra
+                if after is not None:
+                    written += after(img, prompt, path) or []
                 images.append(img)
                 rows.append({"file": path.name, "prompt": prompt, "seed": seed + k,
                              "parameters": img.info["parameters"], **_row_settings(kw)})

@@ -45,7 +45,7 @@ LOCK = ".lock"
 KINDS = ("flat", "hnsw", "ivfpq")
 FLAT_MAX = 100_000  # auto kind: exact search up to this many vectors, then HNSW
 HNSW_MAX = 2_000_000  # ... and IVF-PQ (compressed codes) beyond
-_OWN_FILE = re.compile(r"^(vectors\.\d+\.bin|meta\.\d+\.sqlite|\.tmp-.*)$")
+_OWN_FILE = re.compile(r"^(vectors\.\d+\.bin|meta\.\d+\.sqlite|\..*\.tmp-\d+)$")  # tmp: files.atomic_write_bytes
 
 
 def unit(x) -> np.ndarray:
@@ -613,18 +613,9 @@ class IndexWriter:
 
 
 def _write_durably(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename over `path`, fsync the folder."""
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    from .files import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
 
 
 def _sha256(data: bytes) -> str:

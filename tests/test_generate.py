@@ -159,6 +159,23 @@ def test_load_errors_are_sfumato_errors(tmp_path, monkeypatch):
         sfumato.load()
 
 
+def test_the_shipped_default_model_draws_from_plain_diffusers_and_sfumato():
+    from diffusers import StableDiffusionPipeline
+
+    from sfumato.pipeline import DEFAULT_MODEL
+
+    files = [f for f in DEFAULT_MODEL.rglob("*") if f.is_file()]
+    weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")]
+    assert weights and all(f.suffix == ".safetensors" for f in weights)
+    assert sum(f.stat().st_size for f in files) <= 40 * 2**20
+    sd = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None, requires_safety_checker=False)
+    assert sd.unet.config.sample_size * sd.vae_scale_factor == 64
+    img = sfumato.load().generate("a red circle on a white background", seed=0, steps=4)[0]
+    assert img.size == (64, 64) and "sfumato-default" in img.info["parameters"]
+    rgb = px(img).reshape(-1, 3).astype(int)
+    assert (rgb.min(1) > 200).mean() > 0.3  # mostly white, as asked: the weights are trained, not random
+
+
 # ---------------------------------------------------------------- determinism
 
 

@@ -301,9 +301,11 @@ def eval_compositional(
 
 from .cli_explain import register as _register_explain  # noqa: E402
 from .cli_search import register as _register_search  # noqa: E402
+from .cli_serve import register as _register_serve  # noqa: E402
 
 _register_search(app)
 _register_explain(app)
+_register_serve(app)
 
 
 # ---------------------------------------------------------------- entry point

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 
 from .files import atomic_write_text
 
@@ -74,7 +74,9 @@ def save_checkpoint(root: Path, step: int, model, opt, ema=None, extra: dict | N
     folder = root / f"step-{step:08d}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    save_model(model, str(folder / "model.safetensors"))
+    # Contiguous copies: a channels-last model's conv weights are strided, and safetensors wants them packed.
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(folder / "model.safetensors"))
     _save_optimizer(opt, folder)
     if ema is not None:
         save_file({f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},

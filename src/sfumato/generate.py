@@ -19,14 +19,23 @@ from .errors import UsageError
 MAX_PROMPTS = 10_000
 
 
-def save_png(img: Image.Image, path: Path) -> None:
-    """Write a PNG with its `parameters` text chunk, via a temporary file and an atomic rename."""
+def png_bytes(img: Image.Image) -> bytes:
+    """The image as PNG bytes with its `parameters` text chunk (when it has one)."""
+    import io
+
     meta = PngImagePlugin.PngInfo()
     if "parameters" in img.info:
         meta.add_text("parameters", img.info["parameters"])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=meta)
+    return buf.getvalue()
+
+
+def save_png(img: Image.Image, path: Path) -> None:
+    """Write a PNG with its `parameters` text chunk, via a temporary file and an atomic rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        img.save(tmp, format="PNG", pnginfo=meta)
+        tmp.write_bytes(png_bytes(img))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

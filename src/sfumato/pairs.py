@@ -339,10 +339,21 @@ def _manifest_entry(manifest: Path, lineno: int, row: dict) -> _Entry | Problem:
 
 # --- images ----------------------------------------------------------------------------------
 
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
+    """`open_image` for bytes in memory (an upload); errors name `name` instead of a path."""
+    try:
+        with _opened(io.BytesIO(data), max_pixels) as im:
+            im.load()
+            return im.convert("RGB")
+    except _BadImage as bad:
+        raise SfumatoError(f"{name}: {bad.reason}") from None
+
+
 @contextmanager
-def _opened(path: Path, max_pixels: int) -> Iterator[Image.Image]:
-    """Open an image lazily, enforce the pixel cap from its header, and map errors to _BadImage."""
-    if path.suffix.lower() not in IMAGE_EXTS:
+def _opened(path, max_pixels: int) -> Iterator[Image.Image]:
+    """Open an image (a path or a binary file) lazily, enforce the pixel cap from its header, and map
+    errors to _BadImage."""
+    if isinstance(path, Path) and path.suffix.lower() not in IMAGE_EXTS:
         raise _BadImage(UNSUPPORTED_IMAGE, f"unsupported image type '{path.suffix}' "
                         f"(expected {', '.join(IMAGE_EXTS)})")
     try:

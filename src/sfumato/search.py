@@ -197,9 +197,11 @@ def text_query(embedder: Embedder, text: str) -> np.ndarray:
     return embedder.embed_texts([text.strip()])[0]
 
 
-def image_query(embedder: Embedder, path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Raises SfumatoError for a missing, unreadable or oversized (decompression bomb) image."""
-    return embedder.embed_images([open_image(path, max_pixels=max_pixels)])[0]
+def image_query(embedder: Embedder, path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """`path` is a file or an already opened PIL image. Raises SfumatoError for a missing,
+    unreadable or oversized (decompression bomb) image."""
+    img = path if hasattr(path, "convert") else open_image(path, max_pixels=max_pixels)
+    return embedder.embed_images([img])[0]
 
 
 def compose(image_vec: np.ndarray, words_vec: np.ndarray, empty_vec: np.ndarray, alpha: float,

@@ -1,0 +1,196 @@
+"""Load-test `sfumato serve` on this machine: concurrent search clients, then a generation flood.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_serve.py --model MODEL --index INDEX
+    ... --clients 20 --seconds 60 --flood 40 --steps 10
+
+It starts the server itself on 127.0.0.1 (a free port; never another address), waits for /readyz,
+and stops it at the end. Phase 1: --clients threads post /v1/search for --seconds; it reports
+requests/s, p50/p95/p99 latency and errors. Phase 2: --flood generation jobs posted at once against a
+queue of --max-queue; every accepted job must finish, the rest must get 429, none a 5xx, while two
+search clients keep measuring latency. Everything is bounded in count and time (--deadline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"  # loopback only, by design
+QUERIES = ["a red circle", "a blue square", "two green triangles", "a small yellow cross", "a purple circle "
+           "above an orange square", "three red squares on a black background"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sfumato", "serve", "--host", HOST, "--port", str(port),
+           "--max-queue", str(args.max_queue), "--job-seconds", str(args.job_seconds)]
+    if args.model:
+        cmd += ["--model", args.model]
+    for ix in args.index or ():
+        cmd += ["--index", ix]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SFUMATO_LOG": "warning"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_ready(client, proc, timeout: float) -> dict:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {proc.stderr.read().strip()[-500:]}")
+        try:
+            r = client.get("/readyz")
+            if r.status_code == 200:
+                return r.json()
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server was not ready after {timeout:g} s")
+
+
+def summarise(lat: list[float], codes: list[int], seconds: float) -> dict:
+    ok = [t for t, c in zip(lat, codes) if c == 200]
+    q = np.percentile(ok, [50, 95, 99]) * 1000 if ok else [float("nan")] * 3
+    return {"requests": len(codes), "requests_per_s": round(len(codes) / seconds, 1),
+            "p50_ms": round(float(q[0]), 1), "p95_ms": round(float(q[1]), 1), "p99_ms": round(float(q[2]), 1),
+            "errors": sum(c != 200 for c in codes), "5xx": sum(c >= 500 for c in codes)}
+
+
+def search_load(base: str, headers: dict, clients: int, seconds: float, k: int, stop: threading.Event | None = None):
+    """`clients` threads posting /v1/search until `seconds` pass (or `stop` is set)."""
+    import httpx
+
+    lat, codes, lock = [], [], threading.Lock()
+    end = time.time() + seconds
+
+    def worker(i: int) -> None:
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as c:
+            n = i
+            while time.time() < end and not (stop and stop.is_set()):
+                t = time.perf_counter()
+                try:
+                    code = c.post("/v1/search", json={"text": QUERIES[n % len(QUERIES)], "k": k}).status_code
+                except httpx.HTTPError:
+                    code = 0
+                dt = time.perf_counter() - t
+                with lock:
+                    lat.append(dt)
+                    codes.append(code)
+                n += 1
+
+    t0 = time.time()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarise(lat, codes, time.time() - t0)
+
+
+def flood(base: str, headers: dict, n: int, steps: int, deadline: float) -> dict:
+    """Post n generation jobs at once; follow every accepted one to its end."""
+    import httpx
+
+    codes, ids, lock = [], [], threading.Lock()
+    start = threading.Barrier(n)
+
+    def post(i: int) -> None:
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as c:
+            start.wait()
+            r = c.post("/v1/generate", json={"prompt": QUERIES[i % len(QUERIES)], "steps": steps, "seed": i})
+            with lock:
+                codes.append(r.status_code)
+                if r.status_code == 202:
+                    ids.append(r.json()["id"])
+
+    t0 = time.time()
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = {}
+    with httpx.Client(base_url=base, headers=headers, timeout=30) as c:
+        pending = set(ids)
+        while pending and time.time() < deadline:
+            for job_id in list(pending):
+                j = c.get(f"/v1/jobs/{job_id}").json()
+                if j["status"] in ("done", "failed", "cancelled"):
+                    statuses[j["status"]] = statuses.get(j["status"], 0) + 1
+                    pending.discard(job_id)
+            time.sleep(0.2)
+    return {"posted": n, "accepted": codes.count(202), "rejected_429": codes.count(429),
+            "5xx": sum(c >= 500 for c in codes), "other": sum(c not in (202, 429) and c < 500 for c in codes),
+            "finished": statuses, "unfinished": len(pending), "seconds": round(time.time() - t0, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="Model folder with a UNet and clip/ (default: shipped model).")
+    ap.add_argument("--index", action="append", help="Index built with that model (needed for search).")
+    ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--flood", type=int, default=40, help="Generation jobs posted at once.")
+    ap.add_argument("--max-queue", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--job-seconds", type=float, default=120.0)
+    ap.add_argument("--deadline", type=float, default=600.0, help="Stop everything after this many seconds.")
+    args = ap.parse_args()
+    if not (1 <= args.clients <= 64 and 0 < args.seconds <= 600 and 0 <= args.flood <= 200):
+        raise SystemExit("--clients 1-64, --seconds up to 600 and --flood up to 200 keep the run bounded")
+    import httpx
+
+    t_start = time.time()
+    port = free_port()
+    proc = start_server(args, port)
+    base = f"http://{HOST}:{port}"
+    headers: dict = {}  # loopback: no API key needed
+    try:
+        with httpx.Client(base_url=base, timeout=10) as c:
+            ready = wait_ready(c, proc, 300)
+        report = {"server": ready, "threads": os.environ.get("OMP_NUM_THREADS", "all")}
+        if ready["indexes"]:
+            report["search"] = search_load(base, headers, args.clients, args.seconds, args.k)
+            print(f"search, {args.clients} clients, {args.seconds:g} s: {json.dumps(report['search'])}", flush=True)
+        if args.flood:
+            stop = threading.Event()
+            during = {}
+            if ready["indexes"]:
+                bg = threading.Thread(target=lambda: during.update(
+                    search_load(base, headers, 2, args.deadline, args.k, stop)))
+                bg.start()
+            report["flood"] = flood(base, headers, args.flood, args.steps, t_start + args.deadline)
+            stop.set()
+            if ready["indexes"]:
+                bg.join()
+                report["search_during_flood"] = during
+            print(f"generation flood of {args.flood} (queue {args.max_queue}, {args.steps} steps): "
+                  f"{json.dumps(report['flood'])}", flush=True)
+            if during:
+                print(f"search during the flood, 2 clients: {json.dumps(during)}", flush=True)
+        print(json.dumps(report, indent=1))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""What runs on the generation lane: checked generation requests, step previews, per-word maps,
+grounding; and the checks every entry point (native or AUTOMATIC1111) applies before queueing."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+from ..errors import UsageError
+from ..pipeline import DEFAULT_SCHEDULER
+from .jobs import Job, Stopped
+from .limits import Limits
+from .media import data_url, decode_b64_image, latent_preview, to_png
+
+
+def check_text(name: str, text: str, limits: Limits) -> str:
+    if len(text) > limits.max_prompt:
+        raise UsageError(f"{name} is {len(text)} characters long; the limit is {limits.max_prompt}")
+    return text
+
+
+def check_range(name: str, value, low, high) -> None:
+    if not low <= value <= high:
+        raise UsageError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
+
+
+@dataclass
+class GenSpec:
+    """A checked generation request: exactly the arguments of Pipeline.generate, plus explain."""
+
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 4.0
+    scheduler: str = DEFAULT_SCHEDULER
+    width: int = 0
+    height: int = 0
+    n: int = 1
+    init_image: object = None
+    mask: object = None
+    strength: float = 0.75
+    explain: bool = False
+
+    def kwargs(self) -> dict:
+        kw = dict(n=self.n, seed=self.seed, steps=self.steps, guidance=self.guidance, negative=self.negative,
+                  scheduler=self.scheduler, size=(self.width, self.height))
+        if self.init_image is not None:
+            kw.update(init_image=self.init_image, strength=self.strength, mask=self.mask)
+        return kw
+
+
+def prepare(models, limits: Limits, prompt: str, negative: str = "", seed: int = 0, steps: int = 20,
+            guidance: float = 4.0, scheduler: str = "DPM++ 2M", width: int = 0, height: int = 0, n: int = 1,
+            init_image: str | None = None, mask: str | None = None, strength: float = 0.75,
+            explain: bool = False) -> GenSpec:
+    """Check a request against the server's limits and the model (Pipeline.check), decode its images.
+
+    Raises:
+        UsageError: naming the field and the limit (the server answers 422)."""
+    from ..pipeline import GenerationSettings
+
+    pipe = models.pipe
+    if pipe is None:
+        raise UsageError(f"{models.name} has no UNet: this server does search only")
+    check_text("prompt", prompt, limits)
+    check_text("negative prompt", negative, limits)
+    check_range("steps", steps, 1, limits.max_steps)
+    check_range("number of images", n, 1, limits.max_images)
+    check_range("width", width, 0, limits.max_side)
+    check_range("height", height, 0, limits.max_side)
+    if seed == -1:  # AUTOMATIC1111: a random seed
+        seed = random.randrange(2**32 - limits.max_images)
+    check_range("seed", seed, 0, 2**32 - 1)
+    if mask is not None and init_image is None:
+        raise UsageError("a mask needs an init image")
+    spec = GenSpec(prompt, negative, seed, steps, guidance, scheduler, width, height, n, strength=strength,
+                   explain=explain)
+    if init_image is not None:
+        spec.init_image = decode_b64_image(init_image, limits.max_pixels, "init image")
+        if mask is not None:
+            spec.mask = decode_b64_image(mask, limits.max_pixels, "mask")
+    s = pipe.check(GenerationSettings(prompt, negative, seed, steps, guidance, scheduler, width, height,
+                                      strength if init_image is not None else None), n)
+    spec.width, spec.height = s.width, s.height
+    return spec
+
+
+def generation(models, spec: GenSpec, limits: Limits):
+    """The job body: generate with a step callback that reports progress and previews and stops the
+    job within one step when it is cancelled or out of time. Returns one dict per image."""
+    pipe = models.pipe
+
+    def run(job: Job) -> list[dict]:
+        last: dict = {"at": 0.0}
+
+        def callback(d: dict) -> None:
+            last["latents"] = d["latents"]
+            job.step, job.total = d["i"] + 1, d["total"]
+            preview = None
+            now = time.time()
+            if now - last["at"] >= limits.preview_seconds or job.step == job.total:
+                job.preview = latent_preview(pipe.vae, d["latents"])
+                preview, last["at"] = data_url(job.preview), now
+            job.emit("step", {"step": job.step, "total": job.total, "progress": round(job.progress, 4),
+                              "preview": preview})
+            job.check()
+
+        try:
+            if spec.explain:
+                from ..explain import generation_capture
+
+                with generation_capture(pipe, (spec.width, spec.height), spec.guidance) as store:
+                    images = pipe.generate(spec.prompt, callback=callback, **spec.kwargs())
+                if store.calls == 0:
+                    raise UsageError("explain has nothing to show: at this strength the model never runs")
+            else:
+                images = pipe.generate(spec.prompt, callback=callback, **spec.kwargs())
+        except Stopped:
+            if "latents" in last:  # what the sampler had reached, as AUTOMATIC1111's interrupt returns
+                job.result = _partial(pipe, last["latents"], spec)
+            raise
+        out = []
+        for i, img in enumerate(images):
+            item = {"png": to_png(img), "parameters": img.info.get("parameters", ""), "seed": spec.seed + i}
+            if spec.explain:
+                item["words"] = _word_overlays(pipe, spec.prompt, img, store.maps()[i])
+            out.append(item)
+        return out
+
+    return run
+
+
+def _partial(pipe, latents, spec: GenSpec) -> list[dict]:
+    from PIL import Image
+
+    from ..sampling import decode_latents
+
+    pixels = decode_latents(pipe.vae, latents).numpy()
+    return [{"png": to_png(Image.fromarray(a)), "parameters": "", "seed": spec.seed + i}
+            for i, a in enumerate(pixels)]
+
+
+def _word_overlays(pipe, prompt: str, img, token_maps) -> list[dict]:
+    from ..explain import overlay, word_maps_from_tokens
+
+    wm = word_maps_from_tokens(pipe.tokenizer, prompt, img, token_maps)
+    return [{"word": w, "overlay": data_url(to_png(overlay(img, m)))} for w, m in zip(wm.words, wm.maps)]
+
+
+def grounding(models, image, phrases: list[str]):
+    """The job body of /v1/explain: where each phrase is in the image, and zero-shot odds."""
+
+    def run(job: Job) -> dict:
+        from ..explain import ground, overlay, zero_shot
+
+        job.total = 1
+        g = ground(models.pipe, image, phrases)
+        job.step = 1
+        probs = None
+        if models.embedder is not None:
+            with models.embed_lock:
+                probs = [round(float(p), 6) for p in zero_shot(models.embedder, image, phrases)]
+        return {"phrases": g.phrases, "peaks": [list(p) for p in g.peaks()], "probabilities": probs,
+                "overlays": [data_url(to_png(overlay(image, m))) for m in g.maps]}
+
+    return run

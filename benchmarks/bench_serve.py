@@ -7,7 +7,8 @@ It starts the server itself on 127.0.0.1 (a free port; never another address), w
 and stops it at the end. Phase 1: --clients threads post /v1/search for --seconds; it reports
 requests/s, p50/p95/p99 latency and errors. Phase 2: --flood generation jobs posted at once against a
 queue of --max-queue; every accepted job must finish, the rest must get 429, none a 5xx, while two
-search clients keep measuring latency. Everything is bounded in count and time (--deadline).
+search clients keep measuring latency. Phase 3 (--crash): SIGKILL the server while a job runs and index
+adds are in flight, restart it, and report whether it comes back ready with its indexes whole. Everything is bounded in count and time (--deadline).
 """
 
 from __future__ import annotations
@@ -138,6 +139,49 @@ def flood(base: str, headers: dict, n: int, steps: int, deadline: float) -> dict
             "finished": statuses, "unfinished": len(pending), "seconds": round(time.time() - t0, 1)}
 
 
+def crash_restart(args, base: str, headers: dict, proc: subprocess.Popen, port: int) -> tuple[dict, subprocess.Popen]:
+    """SIGKILL the server while a generation job runs and index adds are in flight, start it again,
+    and check that it comes back ready with every index whole (the last committed version)."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    with httpx.Client(base_url=base, headers=headers, timeout=30) as c:
+        before = {ix["name"]: ix for ix in c.get("/v1/indexes").json()}
+        c.post("/v1/generate", json={"prompt": QUERIES[0], "steps": 50, "n": 4})
+
+        def add(i: int) -> None:  # fresh pictures, so every add really writes
+            buf = io.BytesIO()
+            Image.new("RGB", (64, 64), (i * 37 % 256, i * 91 % 256, i * 53 % 256)).save(buf, "PNG")
+            try:
+                httpx.post(f"{base}/v1/index/{name}/add", headers=headers, timeout=30,
+                           json={"images": [{"image": base64.b64encode(buf.getvalue()).decode()}]})
+            except httpx.HTTPError:
+                pass  # the kill cuts it off
+
+        name = next(iter(before))
+        adders = [threading.Thread(target=add, args=(i,), daemon=True) for i in range(8)]
+        for t in adders:
+            t.start()
+        time.sleep(1.5)
+    proc.kill()
+    proc.wait()
+    t0 = time.time()
+    proc = start_server(args, port)
+    with httpx.Client(base_url=base, headers=headers, timeout=30) as c:
+        wait_ready(c, proc, 300)
+        ready_s = time.time() - t0
+        after = {ix["name"]: ix for ix in c.get("/v1/indexes").json()}
+        search = c.post("/v1/search", json={"text": QUERIES[0], "k": 5})
+    return {"restart_ready_s": round(ready_s, 1),
+            "indexes": {n: {"count_before": before[n]["count"], "count_after": after.get(n, {}).get("count"),
+                            "version_before": before[n]["version"], "version_after": after.get(n, {}).get("version")}
+                        for n in before},
+            "search_after_restart": search.status_code}, proc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="Model folder with a UNet and clip/ (default: shipped model).")
@@ -149,6 +193,8 @@ def main() -> None:
     ap.add_argument("--max-queue", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--job-seconds", type=float, default=120.0)
+    ap.add_argument("--crash", action=argparse.BooleanOptionalAction, default=True,
+                    help="Finally SIGKILL the server mid-job and mid-add and restart it.")
     ap.add_argument("--deadline", type=float, default=600.0, help="Stop everything after this many seconds.")
     args = ap.parse_args()
     if not (1 <= args.clients <= 64 and 0 < args.seconds <= 600 and 0 <= args.flood <= 200):
@@ -183,6 +229,9 @@ def main() -> None:
                   f"{json.dumps(report['flood'])}", flush=True)
             if during:
                 print(f"search during the flood, 2 clients: {json.dumps(during)}", flush=True)
+        if args.crash and ready["indexes"]:
+            report["crash"], proc = crash_restart(args, base, headers, proc, port)
+            print(f"SIGKILL mid-job and mid-add, then restart: {json.dumps(report['crash'])}", flush=True)
         print(json.dumps(report, indent=1))
     finally:
         proc.terminate()

@@ -361,3 +361,35 @@ def test_mixed_sizes_centre_cropped_and_long_captions_counted(tmp_path):
     assert tuple(pd.images.shape) == (12, 3, 32, 32)
     crop = pd.images[pd.ids.index("img001")].permute(1, 2, 0).numpy().astype(int)
     assert np.abs(crop - np.array(COLORS["green"])).max() <= 8
+
+
+# ---------------------------------------------------------------- unet.init: start from saved weights
+
+
+def test_unet_init_loads_the_same_architecture_and_refuses_another(tiny_model, tmp_path):
+    import torch
+
+    from sfumato.errors import UsageError
+    from sfumato.models import build_unet
+    from sfumato.stages import load_unet_weights
+
+    code, out = tiny_model
+    cfg = get_preset("tiny")
+    unet = build_unet(cfg, cfg.data.res // 4, cfg.clip.text_width)
+    load_unet_weights(unet, out / "unet")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in unet.state_dict().items())
+    other = get_preset("tiny")
+    other.unet.channels = tuple(2 * c for c in other.unet.channels)
+    with pytest.raises(UsageError, match="another architecture"):
+        load_unet_weights(build_unet(other, other.data.res // 4, other.clip.text_width), out / "unet")
+
+
+def test_unet_init_missing_is_refused_before_anything_is_written(tmp_path, capsys):
+    data = _make_pairs(tmp_path / "pairs", 4)
+    out = tmp_path / "model"
+    assert _train("--data", data, "--out", out, "--set", f"unet.init={tmp_path / 'nope'}") == 2
+    assert "unet.init" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "model.partial").exists()

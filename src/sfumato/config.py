@@ -85,6 +85,7 @@ class UnetCfg:
     caption_dropout: float = 0.1  # empty prompt this often, so classifier-free guidance works
     ema_decay: float = 0.999
     ema_warmup: bool = True
+    init: str = ""  # a diffusers unet/ folder to start from (train longer, fine-tune); same architecture
 
 
 @dataclass

@@ -12,6 +12,7 @@ from PIL import Image
 from .clip import ClipTrainer, batch_negatives, embed_images, embed_texts, hard_negative_accuracy, retrieval_metrics
 from .data import to_model_range
 from .engine import StageSpec
+from .errors import UsageError
 from .models import (build_clip, build_sample_scheduler, build_train_scheduler, build_unet, build_vae,
                      text_encoder_from_clip, vae_factor)
 from .tokenizer import encode, load_tokenizer, train_tokenizer
@@ -99,6 +100,24 @@ def run_vae(run) -> dict:
     return metrics
 
 
+def load_unet_weights(unet, folder) -> None:
+    """Start from the weights of a saved UNet of the same architecture (unet.init)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        raise UsageError(f"unet.init: {path} does not exist (give a diffusers unet/ folder with safetensors weights)")
+    weights = load_file(str(path))
+    own = unet.state_dict()
+    wrong = [k for k in own if k not in weights or weights[k].shape != own[k].shape]
+    if wrong or len(weights) != len(own):
+        raise UsageError(f"unet.init: {folder} has another architecture than unet.* of this run "
+                         f"(first difference: {(wrong or sorted(set(weights) - set(own)))[0]})")
+    unet.load_state_dict(weights)
+
+
 def run_unet(run) -> dict:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
@@ -120,6 +139,8 @@ def run_unet(run) -> dict:
     latent_res = cfg.data.res // vae_factor(vae)
     # Channels-last convolutions: 1.27x UNet training samples/s on a CPU (benchmarks/bench_train.py).
     unet = build_unet(cfg, latent_res, text_encoder.config.hidden_size).to(dev, memory_format=torch.channels_last)
+    if cfg.unet.init:
+        load_unet_weights(unet, cfg.unet.init)
     batches = LatentBatches(cfg, scheduler, latents, text, vae.config.scaling_factor)
     prompts = list(cfg.sample_prompts)
 

@@ -90,6 +90,9 @@ def train(data_source: str, out: str | Path, cfg: TrainCfg, stages: tuple[str, .
     if resume and (work / "run.json").exists():
         saved = json.loads((work / "run.json").read_text())
         cfg = apply_overrides(from_dict(saved["config"]), list(overrides))
+    if cfg.unet.init and not (Path(cfg.unet.init) / "diffusion_pytorch_model.safetensors").is_file():
+        raise UsageError(f"unet.init: {cfg.unet.init} has no diffusion_pytorch_model.safetensors "
+                         f"(give a diffusers unet/ folder)")
     # The data is read before anything is written, so a bad data set leaves no folder behind.
     data = load_pairs_data(data_source, cfg.data, progress=progress and engine.is_main)
     if engine.is_main:

@@ -565,3 +565,66 @@ def test_cli_serve_starts_answers_and_stops(kit):
 def test_cli_serve_rejects_missing_model(capsys, tmp_path):
     assert main(["serve", "--model", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- text batching
+
+
+class _SlowEmbedder:
+    """Each pass takes 50 ms; a text's vector is its length, so answers can be checked."""
+
+    def __init__(self, fail: bool = False):
+        self.batches, self.fail = [], fail
+
+    def embed_texts(self, texts):
+        import time
+
+        import numpy as np
+
+        time.sleep(0.05)
+        self.batches.append(len(texts))
+        if self.fail:
+            raise RuntimeError("tower broke")
+        return np.array([[float(len(t))] for t in texts], np.float32)
+
+
+def _concurrently(fn, n: int) -> list:
+    import threading
+
+    out, errors = [None] * n, []
+
+    def run(i):
+        try:
+            out[i] = fn(i)
+        except Exception as e:  # collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return out, errors
+
+
+def test_text_batcher_answers_each_query_and_shares_passes():
+    import threading
+
+    from sfumato.server.models import TextBatcher
+
+    emb = _SlowEmbedder()
+    b = TextBatcher(emb, threading.Lock())
+    out, errors = _concurrently(lambda i: b.embed("x" * (i + 1)), 16)
+    assert not errors
+    assert [float(v[0]) for v in out] == [float(i + 1) for i in range(16)]
+    assert sum(emb.batches) == 16 and len(emb.batches) < 16  # some passes served several queries
+
+
+def test_text_batcher_passes_an_error_to_every_waiter():
+    import threading
+
+    from sfumato.server.models import TextBatcher
+
+    b = TextBatcher(_SlowEmbedder(fail=True), threading.Lock())
+    out, errors = _concurrently(lambda i: b.embed("q"), 6)
+    assert len(errors) == 6 and all("tower broke" in str(e) for e in errors)

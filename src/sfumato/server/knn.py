@@ -57,12 +57,11 @@ def indices_list(models: Models = Depends(get_models)):
 
 def _query(req: KnnRequest, server: Server, models: Models) -> np.ndarray:
     """clip-retrieval's order: text, else image, else embedding_input."""
-    from ..search import image_query, text_query
+    from ..search import image_query
 
     if req.text:
         check_text("text", req.text, server.limits)
-        with models.embed_lock:
-            return text_query(models.embedder, req.text)
+        return models.text_vector(req.text)
     if req.image:
         img = decode_b64_image(req.image, server.limits.max_pixels)
         with models.embed_lock:

@@ -30,6 +30,40 @@ class IndexHandle:
         self.snapshot = open_index(self.path)
 
 
+class TextBatcher:
+    """Concurrent text queries share forward passes of the text tower: a query that finds the tower
+    busy waits, and the next pass embeds it together with everything else that queued meanwhile
+    (one pass of 20 texts costs about what 2.5 single ones do on a CPU)."""
+
+    MAX_BATCH = 64
+
+    def __init__(self, embedder, lock: threading.Lock):
+        self.embedder, self.lock = embedder, lock
+        self.pending: list[tuple[str, dict]] = []
+        self.pending_lock = threading.Lock()
+
+    def embed(self, text: str):
+        slot = {"done": threading.Event()}
+        with self.pending_lock:
+            self.pending.append((text, slot))
+        while not slot["done"].is_set():
+            with self.lock:  # whoever holds the tower serves the queue, in order
+                if slot["done"].is_set():
+                    break
+                with self.pending_lock:
+                    batch, self.pending = self.pending[:self.MAX_BATCH], self.pending[self.MAX_BATCH:]
+                try:
+                    vecs = self.embedder.embed_texts([t for t, _ in batch])
+                except Exception as e:  # every waiter of this pass gets the error, not a hang
+                    vecs = [e] * len(batch)
+                for (_, s), v in zip(batch, vecs):
+                    s["value"] = v
+                    s["done"].set()
+        if isinstance(slot["value"], Exception):
+            raise slot["value"]
+        return slot["value"]
+
+
 @dataclass
 class Models:
     pipe: object | None = None  # sfumato.pipeline.Pipeline
@@ -37,6 +71,15 @@ class Models:
     indexes: dict[str, IndexHandle] = field(default_factory=dict)
     # Fast tokenizers fail when one instance is entered from two threads ("Already borrowed").
     embed_lock: threading.Lock = field(default_factory=threading.Lock)
+    _texts: TextBatcher | None = None
+
+    def text_vector(self, text: str):
+        """The unit embedding of a (non-empty) query text; safe to call from many threads."""
+        if not text or not text.strip():
+            raise UsageError("text is empty; say what to look for")
+        if self._texts is None:
+            self._texts = TextBatcher(self.embedder, self.embed_lock)
+        return self._texts.embed(text.strip())
 
     @property
     def name(self) -> str:

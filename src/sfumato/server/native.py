@@ -221,7 +221,7 @@ def read_indexed(path: str) -> bytes:
 @router.post("/search")
 def search(req: SearchRequest, server: Server = Depends(get_server), models: Models = Depends(get_models)):
     """Nearest indexed images to words, an image, an image plus words, or an embedding."""
-    from ..search import check_model, compose, COMPOSITE_DEFAULT, image_query, search as knn, text_query
+    from ..search import check_model, compose, COMPOSITE_DEFAULT, image_query, search as knn
 
     limits = server.limits
     index = find_index(models, req.index)
@@ -237,9 +237,13 @@ def search(req: SearchRequest, server: Server = Depends(get_server), models: Mod
         import numpy as np
 
         query = np.asarray(req.embedding, np.float32)
+    elif req.image is None:
+        check_text("text", req.text or "", limits)
+        check_model(snap.manifest, models.embedder, index.path)
+        query = models.text_vector(req.text)
     else:
         check_text("text", req.text or "", limits)
-        image = decode_b64_image(req.image, limits.max_pixels) if req.image is not None else None
+        image = decode_b64_image(req.image, limits.max_pixels)
         check_model(snap.manifest, models.embedder, index.path)
         with models.embed_lock:
             if image is not None and req.text is not None:
@@ -249,10 +253,8 @@ def search(req: SearchRequest, server: Server = Depends(get_server), models: Mod
                 alpha = COMPOSITE_DEFAULT["alpha"] if req.alpha is None else req.alpha
                 query = compose(image_query(models.embedder, image), t[0], t[1], alpha,
                                 req.method or COMPOSITE_DEFAULT["method"])
-            elif image is not None:
-                query = image_query(models.embedder, image)
             else:
-                query = text_query(models.embedder, req.text)
+                query = image_query(models.embedder, image)
     hits = knn(snap, query, req.k)
     return {"index": index.name, "hits": [hit_json(h, index, req.images) for h in hits]}
 

@@ -154,7 +154,7 @@ def crash_restart(args, base: str, headers: dict, proc: subprocess.Popen, port: 
 
         def add(i: int) -> None:  # fresh pictures, so every add really writes
             buf = io.BytesIO()
-            Image.new("RGB", (64, 64), (i * 37 % 256, i * 91 % 256, i * 53 % 256)).save(buf, "PNG")
+            Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(0, 256, 3))).save(buf, "PNG")
             try:
                 httpx.post(f"{base}/v1/index/{name}/add", headers=headers, timeout=30,
                            json={"images": [{"image": base64.b64encode(buf.getvalue()).decode()}]})
@@ -162,6 +162,7 @@ def crash_restart(args, base: str, headers: dict, proc: subprocess.Popen, port: 
                 pass  # the kill cuts it off
 
         name = next(iter(before))
+        rng = np.random.default_rng(time.time_ns())  # new pictures each run, so the adds are not skipped
         adders = [threading.Thread(target=add, args=(i,), daemon=True) for i in range(8)]
         for t in adders:
             t.start()

@@ -18,6 +18,7 @@ from PIL import Image
 
 from .attention import capture_cross_attention, normalise, word_token_spans
 from .errors import UsageError
+from .generate import png_bytes
 from .viz import make_grid
 
 # Words that name nothing in an image; their tokens are left out of a phrase's map.
@@ -75,16 +76,8 @@ class WordMaps:
         """The overlay grid and the arrays (words, maps), each written whole or not at all."""
         from .files import atomic_write_bytes
 
-        atomic_write_bytes(png, _png_bytes(self.grid()))
+        atomic_write_bytes(png, png_bytes(self.grid()))
         atomic_write_bytes(npz, _npz_bytes(words=np.array(self.words), maps=self.maps.astype(np.float32)))
-
-
-def _png_bytes(img: Image.Image) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -158,7 +151,7 @@ class Grounding:
         # One H x W array per phrase, in the order given ("00", "01", ...), and the phrases.
         (tmp / "heatmaps.npz").write_bytes(_npz_bytes(
             phrases=np.array(self.phrases), **{f"{i:02d}": m.astype(np.float32) for i, m in enumerate(self.maps)}))
-        (tmp / "overlay.png").write_bytes(_png_bytes(self.grid()))
+        (tmp / "overlay.png").write_bytes(png_bytes(self.grid()))
         publish_dir(tmp, folder)
 
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import UsageError
-from ..pipeline import DEFAULT_SCHEDULER
+from ..pipeline import DEFAULT_SCHEDULER, GenerationSettings
 from .jobs import Job, Stopped
 from .limits import Limits
 from .media import data_url, decode_b64_image, latent_preview, to_png
@@ -26,21 +26,12 @@ def check_range(name: str, value, low, high) -> None:
 
 
 @dataclass
-class GenSpec:
-    """A checked generation request: exactly the arguments of Pipeline.generate, plus explain."""
+class GenSpec(GenerationSettings):
+    """A checked generation request: the settings plus what else Pipeline.generate takes."""
 
-    prompt: str
-    negative: str = ""
-    seed: int = 0
-    steps: int = 20
-    guidance: float = 4.0
-    scheduler: str = DEFAULT_SCHEDULER
-    width: int = 0
-    height: int = 0
     n: int = 1
     init_image: object = None
     mask: object = None
-    strength: float = 0.75
     explain: bool = False
 
     def kwargs(self) -> dict:
@@ -52,15 +43,13 @@ class GenSpec:
 
 
 def prepare(models, limits: Limits, prompt: str, negative: str = "", seed: int = 0, steps: int = 20,
-            guidance: float = 4.0, scheduler: str = "DPM++ 2M", width: int = 0, height: int = 0, n: int = 1,
+            guidance: float = 4.0, scheduler: str = DEFAULT_SCHEDULER, width: int = 0, height: int = 0, n: int = 1,
             init_image: str | None = None, mask: str | None = None, strength: float = 0.75,
             explain: bool = False) -> GenSpec:
     """Check a request against the server's limits and the model (Pipeline.check), decode its images.
 
     Raises:
         UsageError: naming the field and the limit (the server answers 422)."""
-    from ..pipeline import GenerationSettings
-
     pipe = models.pipe
     if pipe is None:
         raise UsageError(f"{models.name} has no UNet: this server does search only")
@@ -75,14 +64,13 @@ def prepare(models, limits: Limits, prompt: str, negative: str = "", seed: int =
     check_range("seed", seed, 0, 2**32 - 1)
     if mask is not None and init_image is None:
         raise UsageError("a mask needs an init image")
-    spec = GenSpec(prompt, negative, seed, steps, guidance, scheduler, width, height, n, strength=strength,
-                   explain=explain)
+    spec = GenSpec(prompt, negative, seed, steps, guidance, scheduler, width, height,
+                   strength if init_image is not None else None, n=n, explain=explain)
     if init_image is not None:
         spec.init_image = decode_b64_image(init_image, limits.max_pixels, "init image")
         if mask is not None:
             spec.mask = decode_b64_image(mask, limits.max_pixels, "mask")
-    s = pipe.check(GenerationSettings(prompt, negative, seed, steps, guidance, scheduler, width, height,
-                                      strength if init_image is not None else None), n)
+    s = pipe.check(spec, n)
     spec.width, spec.height = s.width, s.height
     return spec
 

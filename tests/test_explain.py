@@ -116,6 +116,20 @@ def unet_inputs(pipe, batch: int, h: int = 8, w: int = 16, prompt: str = "a red 
     return x, torch.tensor(500), text
 
 
+def spy_on_words(monkeypatch) -> list:
+    """Record the words whose maps ground() sums, one list per phrase."""
+    seen = []
+    real = explain.token_maps_to_words
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        seen.append([w for w, _ in out])
+        return out
+
+    monkeypatch.setattr(explain, "token_maps_to_words", spy)
+    return seen
+
+
 def save_render(scene, path: Path) -> Path:
     render(scene).save(path)
     return path
@@ -274,15 +288,7 @@ def test_word_maps_with_size(pipe):
 def test_ground_maps_at_the_image_size_one_per_phrase_in_order(pipe, rel_scene, monkeypatch):
     img = render(rel_scene)  # 64x64: twice the model's native 32
     assert img.size != (pipe.native, pipe.native)
-    seen = []
-    real = explain.token_maps_to_words
-
-    def spy(*a, **kw):
-        out = real(*a, **kw)
-        seen.append([w for w, _ in out])
-        return out
-
-    monkeypatch.setattr(explain, "token_maps_to_words", spy)
+    seen = spy_on_words(monkeypatch)
     g = explain.ground(pipe, img, ["green cross", "purple circle"])
     assert seen == [["green", "cross"], ["purple", "circle"]]  # content words only: no article
     assert g.phrases == ["green cross", "purple circle"]
@@ -322,15 +328,7 @@ def test_ground_phrase_at_the_context_limit_is_refused_or_whole(pipe, monkeypatc
     tok = pipe.tokenizer
     phrase = " ".join(["red"] * (tok.model_max_length - 3) + ["circle"])
     assert len(tok(phrase).input_ids) == tok.model_max_length  # fits, start and end tokens included
-    seen = []
-    real = explain.token_maps_to_words
-
-    def spy(*a, **kw):
-        out = real(*a, **kw)
-        seen.append([w for w, _ in out])
-        return out
-
-    monkeypatch.setattr(explain, "token_maps_to_words", spy)
+    seen = spy_on_words(monkeypatch)
     try:
         explain.ground(pipe, Image.new("RGB", (32, 32)), [phrase])
     except UsageError:

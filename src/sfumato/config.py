@@ -82,6 +82,14 @@ class UnetCfg:
     prediction_type: str = "v_prediction"  # epsilon | v_prediction
     zero_terminal_snr: bool = True  # https://arxiv.org/abs/2305.08891
     snr_gamma: float = 5.0  # min-SNR-gamma weighting, 0 disables; https://arxiv.org/abs/2303.09556
+    # Which noise levels training draws: uniform, or logit_normal over t/T (SD3's sampler; logit_mean > 0
+    # spends more steps at high noise, where layout, counts and positions are decided).
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    # The pooled prompt also enters the time embedding (diffusers addition_embed_type="text"), so every
+    # ResNet block is modulated by the prompt, not only the attention levels.
+    text_time_embedding: bool = False
     caption_dropout: float = 0.1  # empty prompt this often, so classifier-free guidance works
     ema_decay: float = 0.999
     ema_warmup: bool = True

@@ -65,6 +65,17 @@ class LatentBatches:
         self.mean, self.std = latents
         self.states, self.rows, self.empty = text
 
+    def timesteps(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """Training noise levels, drawn as `unet.timestep_sampling` says."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        T = self.scheduler.config.num_train_timesteps
+        if self.u.timestep_sampling == "uniform":
+            return torch.randint(0, T, (n,), generator=g)
+        u = compute_density_for_timestep_sampling(self.u.timestep_sampling, n, logit_mean=self.u.logit_mean,
+                                                  logit_std=self.u.logit_std, generator=g)
+        return (u * T).long().clamp(0, T - 1)
+
     def draw(self, idx: np.ndarray, g: torch.Generator, device, t: torch.Tensor | None = None, dropout=None):
         n = len(idx)
         idx = torch.as_tensor(idx)
@@ -72,7 +83,7 @@ class LatentBatches:
         z = z * self.scaling
         noise = torch.randn(z.shape, generator=g)
         if t is None:
-            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=g)
+            t = self.timesteps(n, g)
         noisy = self.scheduler.add_noise(z, noise, t)
         target = noise if self.u.prediction_type == "epsilon" else self.scheduler.get_velocity(z, noise, t)
         ctx = self.states[self.rows[idx]].float()
@@ -83,24 +94,30 @@ class LatentBatches:
         return noisy.to(device), t.to(device), ctx.to(device), target.to(device)
 
 
+def unet_loss(model, batches: LatentBatches, train_idx: np.ndarray, g: torch.Generator, device):
+    """One training batch's loss (and its MSE per noise band, for the log)."""
+    u, scheduler = batches.u, batches.scheduler
+    T = scheduler.config.num_train_timesteps
+    idx = train_idx[torch.randint(len(train_idx), (u.batch_size,), generator=g).numpy()]
+    noisy, t, ctx, target = batches.draw(idx, g, device)
+    pred = model(noisy, t, encoder_hidden_states=ctx).sample
+    per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    w = snr_weights(scheduler, t.cpu(), u.snr_gamma).to(per.device) if u.snr_gamma > 0 else 1.0
+    logs = {}
+    for name, (lo, hi) in BANDS.items():
+        m = (t >= lo * T) & (t < hi * T)
+        if m.any():
+            logs[f"mse_{name}"] = per[m].mean().detach()
+    return (per * w).mean(), logs
+
+
 def unet_stage(cfg, data: PairData, unet, scheduler, batches: LatentBatches, engine, sample_fn) -> StageSpec:
     """sample_fn(step) writes a grid of the fixed prompts and returns its metrics (main process)."""
     u = cfg.unet
     train_idx = data.train_idx
-    T = scheduler.config.num_train_timesteps
 
     def loss_fn(model, g):
-        idx = train_idx[torch.randint(len(train_idx), (u.batch_size,), generator=g).numpy()]
-        noisy, t, ctx, target = batches.draw(idx, g, engine.device)
-        pred = model(noisy, t, encoder_hidden_states=ctx).sample
-        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        w = snr_weights(scheduler, t.cpu(), u.snr_gamma).to(per.device) if u.snr_gamma > 0 else 1.0
-        logs = {}
-        for name, (lo, hi) in BANDS.items():
-            m = (t >= lo * T) & (t < hi * T)
-            if m.any():
-                logs[f"mse_{name}"] = per[m].mean().detach()
-        return (per * w).mean(), logs
+        return unet_loss(model, batches, train_idx, g, engine.device)
 
     def eval_fn(step):
         return {**band_metrics(unet, data, batches, engine.device), **sample_fn(step)}
@@ -160,5 +177,5 @@ def ema_copy(unet, ema):
     return m
 
 
-__all__ = ["cache_latents", "cache_text", "LatentBatches", "unet_stage", "ema_copy", "band_metrics",
+__all__ = ["cache_latents", "cache_text", "LatentBatches", "unet_loss", "unet_stage", "ema_copy", "band_metrics",
            "sample_images"]

@@ -95,6 +95,8 @@ def build_unet(cfg: TrainCfg, latent_res: int, cross_attention_dim: int):
         # diffusers reads `attention_head_dim` as the number of heads per block.
         attention_head_dim=tuple(max(1, ch // u.head_dim) for ch in u.channels),
         norm_num_groups=_groups(u.channels),
+        **({"addition_embed_type": "text", "addition_embed_type_num_heads": max(1, cross_attention_dim // u.head_dim)}
+           if u.text_time_embedding else {}),
     )
 
 
@@ -106,6 +108,8 @@ def build_train_scheduler(cfg: TrainCfg):
         raise ValueError(f"unet.prediction_type must be epsilon or v_prediction, got {u.prediction_type!r}")
     if u.zero_terminal_snr and u.prediction_type == "epsilon":
         raise ValueError("unet.zero_terminal_snr needs prediction_type v_prediction (epsilon is undefined at SNR 0)")
+    if u.timestep_sampling not in ("uniform", "logit_normal", "mode"):
+        raise ValueError(f"unet.timestep_sampling must be uniform, logit_normal or mode, got {u.timestep_sampling!r}")
     return DDPMScheduler(
         num_train_timesteps=u.train_timesteps, beta_schedule=u.beta_schedule, prediction_type=u.prediction_type,
         rescale_betas_zero_snr=u.zero_terminal_snr, timestep_spacing="trailing", clip_sample=False, steps_offset=1,

@@ -1,0 +1,256 @@
+"""The UNet training-recipe study: every arm gets the same wall-clock budget, data and evaluation.
+
+    python benchmarks/recipe_study.py prepare --out runs/study                 # data + caches, once
+    python benchmarks/recipe_study.py probe --out runs/study --threads 1       # samples/s of each arm
+    taskset -c 0 python benchmarks/recipe_study.py arm baseline --out runs/study --minutes 10 &
+    taskset -c 1 python benchmarks/recipe_study.py arm vflat --out runs/study --minutes 10 &
+    python benchmarks/recipe_study.py report --out runs/study --md docs/recipe.md
+
+An arm is a list of `--set` overrides on the small preset. The tokenizer, text tower and VAE are
+taken from a base model (the shipped one by default) so the arms differ only in the UNet recipe.
+Each arm trains for `--minutes` of wall-clock time (as steps, from a quiet-machine `probe` of its
+samples/s) with `--threads` torch threads (one process per
+core: two arms side by side on two cores do not slow each other, unlike two 2-thread processes),
+then writes its model folder, the counterfactual sensitivity of raw and EMA weights, the held-out
+x0 error per noise band, and `sfumato eval compositional` pass rates at fixed seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ARMS: dict[str, list[str]] = {
+    "baseline": [],  # the shipped recipe: v-prediction, min-SNR-5, uniform t, lr 5e-4, batch 64, 32/64/64
+    "vflat": ["unet.snr_gamma=0"],  # plain v-MSE: high noise keeps its weight
+    "highnoise": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5"],
+    "lr2e-3": ["unet.lr=0.002", "unet.warmup=200"],
+    "texttime": ["unet.text_time_embedding=True"],
+    "wide": ["unet.channels=(48,96,96)"],
+    "attn3": ["unet.attention_levels=(True,True,True)"],
+    "batch32": ["unet.batch_size=32"],
+}
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def load_base(base: Path):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    te = CLIPTextModel.from_pretrained(base / "text_encoder").eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(base / "vae").eval().requires_grad_(False)
+    return tok, te, vae
+
+
+def prepare(args) -> None:
+    """Render the pairs and cache latents and text states once for every arm."""
+    from safetensors.torch import save_file
+
+    from sfumato.config import get_preset
+    from sfumato.data import load_pairs_data
+    from sfumato.diffusion import cache_latents, cache_text
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = get_preset("small")
+    cfg.data.shapes_n = args.pairs
+    data = load_pairs_data("shapesworld", cfg.data)
+    tok, te, vae = load_base(Path(args.base))
+    mean, std = cache_latents(vae, data.images)
+    states, rows, empty = cache_text(tok, te, data.captions)
+    save_file({k: v.contiguous() for k, v in {"mean": mean, "std": std, "states": states, "rows": rows, "empty": empty,
+               "holdout": torch.as_tensor(data.holdout)}.items()}, str(out / "cache.safetensors"))
+    (out / "cache.json").write_text(json.dumps({"base": str(Path(args.base).resolve()), "pairs": args.pairs,
+                                                "scaling": vae.config.scaling_factor}))
+    log(f"cached {len(data.captions)} pairs, {len(states)} distinct captions")
+
+
+def probe(args) -> None:
+    """Training samples/s of each arm with `--threads` threads, on synthetic batches (seconds each).
+
+    Arms are then given steps = minutes x samples/s / batch: the same wall-clock budget on a quiet
+    machine, and a fair one even when something else runs while they train."""
+    from sfumato.config import apply_overrides, get_preset
+    from sfumato.models import build_unet, quiet_libraries
+
+    torch.set_num_threads(args.threads)
+    quiet_libraries()
+    path = Path(args.out) / f"probe-{args.arms.replace(',', '+')}.json"  # one file per probe process
+    known = {}
+    for arm in args.arms.split(","):
+        cfg = get_preset("small")
+        apply_overrides(cfg, ARMS[arm])
+        unet = build_unet(cfg, 16, 128).to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(unet.parameters(), 1e-4)
+        b = cfg.unet.batch_size
+        x = torch.randn(b, 4, 16, 16).to(memory_format=torch.channels_last)
+        t, ctx = torch.randint(0, 1000, (b,)), torch.randn(b, 32, 128)
+        for i in range(25):
+            if i == 5:
+                t0 = time.perf_counter()
+            unet(x, t, encoder_hidden_states=ctx).sample.pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        known[f"{arm}/{args.threads}"] = round(20 * b / (time.perf_counter() - t0), 1)
+        log(f"{arm}: {known[f'{arm}/{args.threads}']} samples/s with {args.threads} thread(s)")
+    path.write_text(json.dumps(known, indent=1))
+
+
+def run_arm(args) -> None:
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from sfumato.config import apply_overrides, get_preset, to_dict
+    from sfumato.diffusion import LatentBatches, band_metrics, ema_copy, make_ema, unet_loss
+    from sfumato.engine import get_lr
+    from sfumato.evaluate import counterfactual_sensitivity, evaluate_compositional
+    from sfumato.models import build_sample_scheduler, build_train_scheduler, build_unet, quiet_libraries
+    from sfumato.pipeline import load
+
+    torch.set_num_threads(args.threads)
+    quiet_libraries()
+    root = Path(args.out)
+    meta = json.loads((root / "cache.json").read_text())
+    c = load_file(str(root / "cache.safetensors"))
+    base = Path(meta["base"])
+    cfg = get_preset("small")
+    apply_overrides(cfg, ARMS[args.arm] + list(args.set or []))
+    cfg.seed = args.seed
+    name = f"{args.arm}-s{args.seed}" + (f"-{args.tag}" if args.tag else "")
+    work = root / name
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "logs").mkdir(parents=True)
+    torch.manual_seed(args.seed)
+    scheduler = build_train_scheduler(cfg)
+    tok, te, vae = load_base(base)
+    unet = build_unet(cfg, c["mean"].shape[-1], te.config.hidden_size).to(memory_format=torch.channels_last)
+    if cfg.unet.init:
+        from sfumato.stages import load_unet_weights
+
+        load_unet_weights(unet, cfg.unet.init)
+    holdout = c["holdout"].numpy()
+    train_idx, val_idx = np.flatnonzero(~holdout), np.flatnonzero(holdout)
+    batches = LatentBatches(cfg, scheduler, (c["mean"], c["std"]), (c["states"], c["rows"], c["empty"]),
+                            meta["scaling"])
+    ema = make_ema(unet, cfg.unet)
+    decay = [p for p in unet.parameters() if p.ndim >= 2]
+    rest = [p for p in unet.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": rest}], lr=cfg.unet.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    budget = args.minutes * 60
+    metrics = open(work / "logs" / "metrics.jsonl", "w")
+    params = sum(p.numel() for p in unet.parameters())
+    log(f"{name}: {params / 1e6:.2f} M parameters, {args.minutes} min, {args.threads} thread(s), overrides {ARMS[args.arm] + list(args.set or [])}")
+
+    probes = {k: v for f in root.glob("probe-*.json") for k, v in json.loads(f.read_text()).items()}
+    probed = probes.get(f"{args.arm}/{args.threads}")
+    if probed is None:
+        raise SystemExit(f"no probe for {args.arm} with {args.threads} thread(s): run `probe --arms {args.arm}` first")
+    total = int(budget * probed / cfg.unet.batch_size)
+    step, t0 = 0, time.perf_counter()
+    unet.train()
+    while step < total:
+        for gr in opt.param_groups:
+            gr["lr"] = get_lr(step, total, cfg.unet.lr, cfg.unet.warmup)
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        loss, logs = unet_loss(unet, batches, train_idx, g, "cpu")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+        step += 1
+        if step % 50 == 0:
+            metrics.write(json.dumps({"step": step, "seconds": round(time.perf_counter() - t0, 1),
+                                      "loss": float(loss), **{k: float(v) for k, v in logs.items()}}) + "\n")
+            metrics.flush()
+    train_s = time.perf_counter() - t0
+    samples_s = step * cfg.unet.batch_size / train_s
+    log(f"{name}: {step} steps in {train_s:.0f} s, {samples_s:.1f} samples/s")
+
+    result = {"arm": args.arm, "seed": args.seed, "tag": args.tag, "overrides": ARMS[args.arm] + list(args.set or []),
+              "minutes": args.minutes, "threads": args.threads, "steps": step, "samples_per_s": probed,
+              "samples_per_s_this_run": round(samples_s, 1),
+              "params_m": round(params / 1e6, 2), "config": to_dict(cfg)}
+    weights = {"ema": ema_copy(unet, ema), "raw": unet}
+    sampler = build_sample_scheduler(scheduler)
+    for kind, model in weights.items():
+        model.eval()
+        model.to(memory_format=torch.contiguous_format)
+        folder = work / f"model-{kind}"
+        shutil.copytree(base, folder, ignore=shutil.ignore_patterns("unet", "scheduler", "sfumato.json"))
+        model.save_pretrained(folder / "unet")
+        sampler.save_pretrained(folder / "scheduler")
+        with torch.no_grad():
+            result[kind] = {**counterfactual_sensitivity(model, scheduler, vae, tok, te),
+                            **band_metrics(model, SimpleNamespace(val_idx=val_idx), batches, "cpu")}
+        log(f"{name} {kind}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[kind].items()))
+    for kind in (["ema", "raw"] if args.eval_raw else ["ema"]):
+        pipe = load(work / f"model-{kind}")
+        res = evaluate_compositional(pipe, work / f"eval-{kind}", per_category=args.per_category, progress=False)
+        result[kind]["compositional"] = res["overall"]
+        result[kind]["per_category"] = res["per_category"]
+        result[kind]["eval_seconds_per_image"] = res["seconds_per_image"]
+        log(f"{name} {kind}: compositional {res['overall']:.3f} "
+            + " ".join(f"{k} {v:.2f}" for k, v in res["per_category"].items()))
+    (work / "result.json").write_text(json.dumps(result, indent=1))
+
+
+def report(args) -> None:
+    """A markdown table of every finished arm (mean and spread over seeds)."""
+    rows = [json.loads(p.read_text()) for p in sorted(Path(args.out).glob("*/result.json"))]
+    cats = ("single_object", "colors", "size", "background", "two_objects", "counting", "position",
+            "attribute_binding", "text")
+    short = ("single", "colors", "size", "bg", "two", "count", "pos", "bind", "text")
+    head = ("| arm | seed | min | samples/s | steps | overall (EMA) | " + " | ".join(short)
+            + " | cf relation 700 | cf binding 700 | cf shape 700 | cf count 700 | cf digit 700 | x0 high | overall raw |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        e = r["ema"]
+        pc = e.get("per_category", {})
+        raw = r.get("raw", {}).get("compositional")
+        lines.append(
+            f"| {r['arm']}{'-' + r['tag'] if r.get('tag') else ''} | {r['seed']} | {r['minutes']} | {r['samples_per_s']} | {r['steps']} | "
+            f"{e.get('compositional', float('nan')):.3f} | " + " | ".join(f"{pc.get(c, float('nan')):.2f}" for c in cats)
+            + " | " + " | ".join(f"{100 * e.get(f'cf_{k}_t700', float('nan')):+.1f}%"
+                                 for k in ("relation", "binding", "shape", "count", "digit"))
+            + f" | {e.get('x0_mse_high_cond', float('nan')):.3f} | {'' if raw is None else f'{raw:.3f}'} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.md:
+        Path(args.md).write_text(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=("prepare", "probe", "arm", "report"))
+    p.add_argument("arm", nargs="?", choices=tuple(ARMS))
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--base", default=str(Path(__file__).resolve().parents[1] / "src/sfumato/assets/default-model"))
+    p.add_argument("--pairs", type=int, default=30_000)
+    p.add_argument("--minutes", type=float, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", help="extra section.key=value overrides for this arm")
+    p.add_argument("--tag", default="", help="suffix of the arm's folder (for --set variants)")
+    p.add_argument("--per-category", type=int, default=20)
+    p.add_argument("--eval-raw", action="store_true", help="also sample the raw (non-EMA) weights")
+    p.add_argument("--md", default="")
+    p.add_argument("--arms", default=",".join(ARMS), help="probe: comma-separated arm names")
+    args = p.parse_args()
+    if args.command == "arm" and not args.arm:
+        p.error("arm needs an arm name")
+    {"prepare": prepare, "probe": probe, "arm": run_arm, "report": report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

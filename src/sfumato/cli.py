@@ -261,7 +261,7 @@ def _after_image(pipe, audit: bool, k: int, index):
 @app.command("info")
 def info_cmd(image: Path = typer.Argument(..., help="A PNG written by sfumato or AUTOMATIC1111.")) -> None:
     """Print the generation parameters stored in an image."""
-    from .generate import read_parameters
+    from .images import read_parameters
 
     out.print(read_parameters(image), highlight=False, markup=False)
 

@@ -56,7 +56,7 @@ def explain_generate(
 ) -> None:
     """Generate one image and a heat map of every word of the prompt (cross-attention, DAAM-style)."""
     from .files import publish_dir
-    from .generate import save_png
+    from .images import save_png
     from .explain import word_maps
     from .pipeline import load
 

@@ -71,7 +71,7 @@ def evaluate_compositional(pipe, out: Path, per_category: int = 50, seed: int = 
     """Generate, judge and report; returns the results dict also written to out/results.json."""
     from PIL import Image
 
-    from .generate import save_png
+    from .images import save_png
     from .shapesworld.checker import judge
     from .viz import make_grid
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .attention import capture_cross_attention, normalise, word_token_spans
 from .errors import UsageError
-from .generate import png_bytes
+from .images import npz_bytes, png_bytes
 from .viz import make_grid
 
 # Words that name nothing in an image; their tokens are left out of a phrase's map.
@@ -77,15 +77,7 @@ class WordMaps:
         from .files import atomic_write_bytes
 
         atomic_write_bytes(png, png_bytes(self.grid()))
-        atomic_write_bytes(npz, _npz_bytes(words=np.array(self.words), maps=self.maps.astype(np.float32)))
-
-
-def _npz_bytes(**arrays) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    return buf.getvalue()
+        atomic_write_bytes(npz, npz_bytes(words=np.array(self.words), maps=self.maps.astype(np.float32)))
 
 
 def token_maps_to_words(tokenizer, text: str, maps: torch.Tensor, content_only: bool = False):
@@ -149,7 +141,7 @@ class Grounding:
         tmp = folder.with_name(folder.name + ".partial")
         tmp.mkdir(parents=True, exist_ok=True)
         # One H x W array per phrase, in the order given ("00", "01", ...), and the phrases.
-        (tmp / "heatmaps.npz").write_bytes(_npz_bytes(
+        (tmp / "heatmaps.npz").write_bytes(npz_bytes(
             phrases=np.array(self.phrases), **{f"{i:02d}": m.astype(np.float32) for i, m in enumerate(self.maps)}))
         (tmp / "overlay.png").write_bytes(png_bytes(self.grid()))
         publish_dir(tmp, folder)

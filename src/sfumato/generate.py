@@ -7,50 +7,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
-
 from .errors import UsageError
+from .files import atomic_write_text
+from .images import save_png
 
 MAX_PROMPTS = 10_000
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    """The image as PNG bytes with its `parameters` text chunk (when it has one)."""
-    import io
-
-    meta = PngImagePlugin.PngInfo()
-    if "parameters" in img.info:
-        meta.add_text("parameters", img.info["parameters"])
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", pnginfo=meta)
-    return buf.getvalue()
-
-
-def save_png(img: Image.Image, path: Path) -> None:
-    """Write a PNG with its `parameters` text chunk, via a temporary file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(png_bytes(img))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def read_parameters(path: Path) -> str:
-    """The `parameters` chunk of a PNG written by sfumato or AUTOMATIC1111."""
-    from .pairs import open_image
-
-    img = open_image(path)
-    with Image.open(path) as raw:
-        text = raw.info.get("parameters") or img.info.get("parameters")
-    if not text:
-        raise UsageError(f"{path} has no generation parameters")
-    return text
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -147,10 +112,7 @@ def run(pipe, prompts: list[str], out: Path, n: int, seed: int, grid: bool, batc
         if bar:
             bar[0].stop()
     if batch:
-        index = plan.folder / "index.jsonl"
-        tmp = index.with_name(".index.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, index)
+        atomic_write_text(plan.folder / "index.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     if grid:
         sheet = make_grid(images, [r["prompt"] for r in rows], cols=min(len(images), max(n, 4)))
         save_png(sheet, plan.grid_path())

@@ -7,6 +7,7 @@ import binascii
 import re
 
 from ..errors import UsageError
+from ..images import png_bytes
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,", re.I)
 
@@ -36,12 +37,6 @@ def data_url(png: bytes) -> str:
     return "data:image/png;base64," + b64(png)
 
 
-def to_png(img) -> bytes:
-    from ..generate import png_bytes
-
-    return png_bytes(img)
-
-
 def latent_preview(vae, latents, side: int = 128) -> bytes:
     """The first image of a batch of (noisy) latents, decoded by the VAE, as a small PNG."""
     from PIL import Image
@@ -51,4 +46,4 @@ def latent_preview(vae, latents, side: int = 128) -> bytes:
     img = Image.fromarray(decode_latents(vae, latents[:1])[0].numpy())
     if max(img.size) > side:
         img.thumbnail((side, side))
-    return to_png(img)
+    return png_bytes(img)

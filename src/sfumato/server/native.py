@@ -208,14 +208,14 @@ def read_indexed(path: str) -> bytes:
 
     from ..errors import SfumatoError
     from ..pairs import open_image
-    from .media import to_png
+    from ..images import png_bytes
 
     try:
         img = open_image(path)
     except SfumatoError:
         img = Image.new("RGB", (64, 64), (160, 160, 160))
     img.thumbnail((256, 256))
-    return to_png(img)
+    return png_bytes(img)
 
 
 @router.post("/search")
@@ -297,7 +297,8 @@ def add(name: str, req: AddRequest, server: Server = Depends(get_server), models
 
     from ..files import atomic_write_bytes
     from ..search import add_to_index
-    from .media import decode_b64, to_png
+    from ..images import png_bytes
+    from .media import decode_b64
 
     limits = server.limits
     index = find_index(models, name)
@@ -314,7 +315,7 @@ def add(name: str, req: AddRequest, server: Server = Depends(get_server), models
         for sha, data, img, caption in files:  # named by content: the client never picks a path
             path = index.uploads / f"{sha}.png"
             if not path.exists():
-                atomic_write_bytes(path, data if data[:8] == b"\x89PNG\r\n\x1a\n" else to_png(img))
+                atomic_write_bytes(path, data if data[:8] == b"\x89PNG\r\n\x1a\n" else png_bytes(img))
             if caption:
                 atomic_write_bytes(path.with_suffix(".txt"), caption.encode())
             paths.append(path)

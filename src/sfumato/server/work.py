@@ -11,7 +11,8 @@ from ..errors import UsageError
 from ..pipeline import DEFAULT_SCHEDULER, GenerationSettings
 from .jobs import Job, Stopped
 from .limits import Limits
-from .media import data_url, decode_b64_image, latent_preview, to_png
+from ..images import png_bytes
+from .media import data_url, decode_b64_image, latent_preview
 
 
 def check_text(name: str, text: str, limits: Limits) -> str:
@@ -111,7 +112,7 @@ def generation(models, spec: GenSpec, limits: Limits):
             raise
         out = []
         for i, img in enumerate(images):
-            item = {"png": to_png(img), "parameters": img.info.get("parameters", ""), "seed": spec.seed + i}
+            item = {"png": png_bytes(img), "parameters": img.info.get("parameters", ""), "seed": spec.seed + i}
             if spec.explain:
                 item["words"] = _word_overlays(pipe, spec.prompt, img, store.maps()[i])
             out.append(item)
@@ -126,7 +127,7 @@ def _partial(pipe, latents, spec: GenSpec) -> list[dict]:
     from ..sampling import decode_latents
 
     pixels = decode_latents(pipe.vae, latents).numpy()
-    return [{"png": to_png(Image.fromarray(a)), "parameters": "", "seed": spec.seed + i}
+    return [{"png": png_bytes(Image.fromarray(a)), "parameters": "", "seed": spec.seed + i}
             for i, a in enumerate(pixels)]
 
 
@@ -134,7 +135,7 @@ def _word_overlays(pipe, prompt: str, img, token_maps) -> list[dict]:
     from ..explain import overlay, word_maps_from_tokens
 
     wm = word_maps_from_tokens(pipe.tokenizer, prompt, img, token_maps)
-    return [{"word": w, "overlay": data_url(to_png(overlay(img, m)))} for w, m in zip(wm.words, wm.maps)]
+    return [{"word": w, "overlay": data_url(png_bytes(overlay(img, m)))} for w, m in zip(wm.words, wm.maps)]
 
 
 def grounding(models, image, phrases: list[str]):
@@ -151,6 +152,6 @@ def grounding(models, image, phrases: list[str]):
             with models.embed_lock:
                 probs = [round(float(p), 6) for p in zero_shot(models.embedder, image, phrases)]
         return {"phrases": g.phrases, "peaks": [list(p) for p in g.peaks()], "probabilities": probs,
-                "overlays": [data_url(to_png(overlay(image, m))) for m in g.maps]}
+                "overlays": [data_url(png_bytes(overlay(image, m))) for m in g.maps]}
 
     return run

@@ -196,6 +196,14 @@ def test_api_key(kit):
         assert c.post("/v1/search", json=body, headers={"X-API-Key": "s3cret"}).status_code == 200
         basic = base64.b64encode(b"user:s3cret").decode()
         assert c.get("/sdapi/v1/samplers", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+        assert c.get("/sdapi/v1/samplers", headers={"Authorization": "Basic %%%"}).status_code == 401
+        schemes = c.get("/openapi.json").json()["components"]["securitySchemes"]
+        assert {s["type"] for s in schemes.values()} == {"apiKey", "http"}  # documented in /docs
+
+
+def test_malformed_basic_header_without_a_key(kit):
+    with make_client(kit) as c:
+        assert c.get("/sdapi/v1/samplers", headers={"Authorization": "Basic %%%"}).status_code == 200
 
 
 def test_page_and_docs(client):

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..errors import UsageError
 from ..pipeline import DEFAULT_SCHEDULER, SCHEDULERS, parse_parameters
-from .app import Server, get_models, get_server, submit, wait_for
+from .deps import Server, get_models, get_server, submit, wait_for
 from .media import b64, decode_b64
 from .models import Models
 from .work import generation, prepare

@@ -7,39 +7,26 @@ a thread; /readyz answers 503 until it has finished, /healthz 200 all along.
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import hmac
 import logging
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 
 from ..errors import SfumatoError, UsageError
-from .jobs import Job, JobQueue, QueueFull
+from .a1111 import router as a1111
+from .deps import Server, require_key
+from .jobs import JobQueue
+from .knn import router as knn
 from .limits import Limits
 from .models import Models
+from .native import router as native
 
 log = logging.getLogger("sfumato.server")
 STATIC = Path(__file__).parent / "static"
-PUBLIC = {"/", "/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
-
-
-@dataclass
-class Server:
-    """What the routes share: limits, the generation lane, and the models once loaded."""
-
-    limits: Limits
-    api_key: str | None
-    queue: JobQueue
-    models: Models | None = None
-    load_error: str | None = None
-    options: dict = field(default_factory=dict)  # AUTOMATIC1111 /options the client may set
 
 
 def create_app(loader: Callable[[], Models], api_key: str | None = None, limits: Limits | None = None,
@@ -98,68 +85,11 @@ def create_app(loader: Callable[[], Models], api_key: str | None = None, limits:
     def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    from .a1111 import router as a1111
-    from .knn import router as knn
-    from .native import router as native
-
     auth = [Depends(require_key)]
     app.include_router(native, dependencies=auth)
     app.include_router(a1111, dependencies=auth)
     app.include_router(knn, dependencies=auth)
     return app
-
-
-# ---------------------------------------------------------------- shared dependencies
-
-
-def get_server(request: Request) -> Server:
-    return request.app.state.server
-
-
-def get_models(request: Request) -> Models:
-    """The loaded models, or 503 while they load."""
-    server = get_server(request)
-    if server.models is None:
-        detail = f"cannot load models: {server.load_error}" if server.load_error else "models are loading; retry"
-        raise HTTPException(503, detail, headers={"Retry-After": "5"})
-    return server.models
-
-
-def require_key(request: Request) -> None:
-    key = get_server(request).api_key
-    if not key:
-        return
-    given = request.headers.get("x-api-key", "")
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer":
-        given = value.strip()
-    elif scheme.lower() == "basic":  # AUTOMATIC1111 clients send --api-auth user:password
-        try:
-            given = base64.b64decode(value.strip()).decode().partition(":")[2]
-        except (ValueError, UnicodeDecodeError):
-            given = ""
-    if not hmac.compare_digest(given.encode(), key.encode()):
-        raise HTTPException(401, "missing or wrong API key (send Authorization: Bearer KEY or X-API-Key: KEY)",
-                            headers={"WWW-Authenticate": "Bearer"})
-
-
-def submit(server: Server, kind: str, run, total: int = 0) -> Job:
-    """Queue a job on the lane, or 429 with Retry-After when the queue is full."""
-    try:
-        return server.queue.submit(kind, run, total)
-    except QueueFull as e:
-        raise HTTPException(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
-
-
-async def wait_for(job: Job) -> Job:
-    """Wait without holding a thread; 504 when the job ran out of time, 422 or 500 when it failed."""
-    while not job.done.is_set():
-        await asyncio.sleep(0.02)
-    if job.timed_out:
-        raise HTTPException(504, job.error)
-    if job.status == "failed":
-        raise HTTPException(422 if job.user_error else 500, job.error)
-    return job
 
 
 # ---------------------------------------------------------------- errors and body cap

@@ -9,6 +9,7 @@ time, so either stops within one sampler step.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import math
 import threading
@@ -26,6 +27,13 @@ class QueueFull(Exception):
     def __init__(self, retry_after: int, limit: int):
         super().__init__(f"the generation queue is full ({limit} jobs waiting); retry in {retry_after} s")
         self.retry_after = retry_after
+
+
+def _running_future() -> concurrent.futures.Future:
+    """A future already running: a waiter that gives up (asyncio cancellation) cannot cancel it."""
+    f: concurrent.futures.Future = concurrent.futures.Future()
+    f.set_running_or_notify_cancel()
+    return f
 
 
 class Stopped(Exception):
@@ -52,6 +60,7 @@ class Job:
     events: list = field(default_factory=list)  # (name, data); readers follow by position
     cancel_flag: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
+    finished_future: concurrent.futures.Future = field(default_factory=_running_future)  # for asyncio waiters
 
     @property
     def progress(self) -> float:
@@ -176,6 +185,7 @@ class JobQueue:
         else:
             job.emit("failed", {"id": job.id, "status": status, "error": error})
         job.done.set()
+        job.finished_future.set_result(job)
 
     def _forget_old(self) -> None:
         finished = [j for j in self._jobs.values() if j.done.is_set()]

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import UsageError
-from .app import Server, get_models, get_server
+from .deps import Server, get_models, get_server
 from .media import b64, decode_b64_image
 from .models import Models
 from .native import find_index, read_indexed

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import UsageError
 from ..pipeline import DEFAULT_SCHEDULER
-from .app import Server, get_models, get_server, submit, wait_for
+from .deps import Server, get_models, get_server, submit, wait_for
 from .jobs import Job
 from .media import data_url, decode_b64_image
 from .models import IndexHandle, Models

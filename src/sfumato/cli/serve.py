@@ -12,14 +12,14 @@ from typing import Optional
 
 import typer
 
-from .cli import console
-from .errors import SfumatoError, UsageError
+from ..errors import SfumatoError, UsageError
+from .console import console
 
 
-def register(app: typer.Typer) -> None:
-    app.command("serve")(serve_cmd)
+app = typer.Typer()
 
 
+@app.command("serve")
 def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; beyond loopback it needs --api-key."),
     port: int = typer.Option(7860, "--port", help="TCP port."),
@@ -35,7 +35,7 @@ def serve_cmd(
     try:
         import uvicorn
 
-        from .server import Limits, check_bind, create_app, model_loader
+        from ..server import Limits, check_bind, create_app, model_loader
     except ImportError as e:
         raise SfumatoError(f"serving needs the serve extra: pip install 'sfumato[serve]' ({e})") from None
 

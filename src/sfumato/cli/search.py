@@ -16,17 +16,13 @@ from typing import Optional
 
 import typer
 
-from .cli import console, out
+from ..errors import UsageError
+from .console import console, out
 
+app = typer.Typer()
 index_app = typer.Typer(help="Build and edit an image index (FAISS/exact vectors + SQLite metadata).",
                         no_args_is_help=True)
-
-
-def register(app: typer.Typer) -> None:
-    """Add the index / search / classify verbs to the main app."""
-    app.add_typer(index_app, name="index")
-    app.command("search")(search_cmd)
-    app.command("classify")(classify_cmd)
+app.add_typer(index_app, name="index")
 
 
 def _report(report, verb: str) -> None:
@@ -52,12 +48,10 @@ def build_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index (atomically)."),
 ) -> None:
     """Embed every image of SOURCE into a new index."""
-    from .embedding import Embedder
-    from .search import build_index
+    from ..embedding import Embedder
+    from ..search import build_index
 
     if not source.exists():
-        from .errors import UsageError
-
         raise UsageError(f"{source}: no such file or folder")
     emb = Embedder.load(model)
     _report(build_index(source, out_dir, emb, kind=kind, overwrite=overwrite, progress=True), "build")
@@ -70,8 +64,8 @@ def add_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the index's model)."),
 ) -> None:
     """Append images without a rebuild; images already present (same sha256) are skipped."""
-    from .embedding import Embedder
-    from .search import add_to_index, index_model
+    from ..embedding import Embedder
+    from ..search import add_to_index, index_model
 
     emb = Embedder.load(model or index_model(index))
     _report(add_to_index(index, files, emb, progress=True), "add")
@@ -83,7 +77,7 @@ def remove_cmd(
     files: list[Path] = typer.Argument(..., help="Images to remove (by path, or by content if still on disk)."),
 ) -> None:
     """Remove images from an index."""
-    from .search import remove_from_index
+    from ..search import remove_from_index
 
     _report(remove_from_index(index, files), "remove")
 
@@ -92,7 +86,7 @@ def remove_cmd(
 def info_cmd(index: Path = typer.Argument(..., help="Index folder."),
              as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.")) -> None:
     """Check an index (every file against its checksum) and describe it."""
-    from .index import disk_size, open_index
+    from ..index import disk_size, open_index
 
     snap = open_index(index)
     m = snap.manifest
@@ -105,6 +99,7 @@ def info_cmd(index: Path = typer.Argument(..., help="Index folder."),
               highlight=False, markup=False)
 
 
+@app.command("search")
 def search_cmd(
     index: Path = typer.Argument(..., help="Index folder."),
     text: Optional[str] = typer.Option(None, "--text", help="Words to search by (with --image: what to change)."),
@@ -121,9 +116,8 @@ def search_cmd(
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a contact sheet of the hits (.png)."),
 ) -> None:
     """Find the images nearest to a text, an image, an image changed by words, or an embedding."""
-    from .errors import UsageError
-    from .index import open_index
-    from .search import check_k, read_embedding, search
+    from ..index import open_index
+    from ..search import check_k, read_embedding, search
 
     check_k(k)
     if embedding is not None and (text is not None or image is not None):
@@ -143,7 +137,7 @@ def search_cmd(
         query = _model_query(snap, index, model, text, image, alpha, method)
     hits = search(snap, query, k)
     if grid is not None:
-        from .search import hits_grid
+        from ..search import hits_grid
 
         hits_grid(hits, grid)
     if as_json:
@@ -157,8 +151,8 @@ def search_cmd(
 
 
 def _model_query(snap, index, model, text, image, alpha, method):
-    from .embedding import Embedder
-    from .search import check_model, image_query, image_text_query, index_model, text_query
+    from ..embedding import Embedder
+    from ..search import check_model, image_query, image_text_query, index_model, text_query
 
     emb = Embedder.load(model or index_model(index))
     check_model(snap.manifest, emb, Path(index))
@@ -169,6 +163,7 @@ def _model_query(snap, index, model, text, image, alpha, method):
     return text_query(emb, text)
 
 
+@app.command("classify")
 def classify_cmd(
     images: list[Path] = typer.Argument(..., help="Images to classify."),
     labels: Optional[str] = typer.Option(None, "--labels",
@@ -182,9 +177,9 @@ def classify_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print probabilities per label as JSON."),
 ) -> None:
     """Zero-shot classification: the probability of each label for each image."""
-    from .embedding import Embedder
-    from .pairs import open_image
-    from .search import TEMPLATES, classify, parse_labels
+    from ..embedding import Embedder
+    from ..pairs import open_image
+    from ..search import TEMPLATES, classify, parse_labels
 
     names = parse_labels(labels, labels_file)
     templates = tuple(template) if template else TEMPLATES

@@ -13,20 +13,16 @@ from typing import Optional
 
 import typer
 
-from .cli import console, out
-from .errors import UsageError
+from ..errors import UsageError
+from .console import out
 
-explain_app = typer.Typer(help="Show where the model put each word, and whether an image shows its prompt.",
-                          no_args_is_help=True)
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(explain_app, name="explain")
+app = typer.Typer(help="Show where the model put each word, and whether an image shows its prompt.",
+                  no_args_is_help=True)
 
 
 def _embedder_or_none(folder):
     """The model's CLIP for zero-shot checks, or None for a folder without one (plain SD)."""
-    from .embedding import Embedder
+    from ..embedding import Embedder
 
     if not (Path(folder) / "clip" / "model.safetensors").is_file():
         return None
@@ -44,7 +40,7 @@ def print_audit(rows, as_json: bool = False, title: str = "") -> None:
         out.print(f"  {mark} {r.words!r}: {r.reason}  [{r.source}]", highlight=False, markup=False)
 
 
-@explain_app.command("generate")
+@app.command("generate")
 def explain_generate(
     prompt: str = typer.Argument(..., help="What to draw."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for image.png, words.png and maps.npz."),
@@ -55,10 +51,10 @@ def explain_generate(
     scheduler: str = typer.Option("DPM++ 2M", "--scheduler", help="Sampler name."),
 ) -> None:
     """Generate one image and a heat map of every word of the prompt (cross-attention, DAAM-style)."""
-    from .files import publish_dir
-    from .images import save_png
-    from .explain import word_maps
-    from .pipeline import load
+    from ..files import publish_dir
+    from ..images import save_png
+    from ..explain import word_maps
+    from ..pipeline import load
 
     pipe = load(model)
     wm = word_maps(pipe, prompt, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler)
@@ -71,7 +67,7 @@ def explain_generate(
         out.print(str(out_dir / name), highlight=False)
 
 
-@explain_app.command("image")
+@app.command("image")
 def explain_image(
     image: Path = typer.Argument(..., help="An existing image."),
     text: list[str] = typer.Option(..., "--text", help="A phrase to find (repeatable)."),
@@ -82,9 +78,9 @@ def explain_image(
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Where is each phrase in IMAGE? Heat maps from the UNet's cross-attention on the noised image."""
-    from .explain import ground, neighbours, zero_shot
-    from .pairs import open_image
-    from .pipeline import load
+    from ..explain import ground, neighbours, zero_shot
+    from ..pairs import open_image
+    from ..pipeline import load
 
     img = open_image(image)
     folder = model
@@ -114,7 +110,7 @@ def explain_image(
     out.print(result["overlay"], highlight=False)
 
 
-@explain_app.command("audit")
+@app.command("audit")
 def explain_audit(
     image: Path = typer.Argument(..., help="An image to judge."),
     prompt: str = typer.Option(..., "--prompt", help="What the image should show."),
@@ -123,9 +119,9 @@ def explain_audit(
     as_json: bool = typer.Option(False, "--json", help="Print the verdicts as JSON."),
 ) -> None:
     """Say word by word whether IMAGE shows what PROMPT asked (checker, zero-shot, attention)."""
-    from .explain import audit
-    from .pairs import open_image
-    from .pipeline import load
+    from ..explain import audit
+    from ..pairs import open_image
+    from ..pipeline import load
 
     img = open_image(image)
     if not prompt.strip():
@@ -137,9 +133,7 @@ def explain_audit(
 
 
 def _default_model():
-    from .pipeline import DEFAULT_MODEL
+    from ..pipeline import DEFAULT_MODEL
 
     return DEFAULT_MODEL
 
-
-__all__ = ["register", "print_audit", "console"]

@@ -1,0 +1,46 @@
+"""`sfumato eval`: measure what a model gets right.
+
+    sfumato eval compositional --out eval/ --per-category 20
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import UsageError
+from .console import out
+
+app = typer.Typer(help="Measure what a model gets right.", no_args_is_help=True)
+
+
+@app.command("compositional")
+def eval_compositional(
+    out_dir: Path = typer.Option(..., "--out", help="Folder for results.json, verdicts.jsonl, grids and images."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: shipped model)."),
+    per_category: int = typer.Option(50, "--per-category", help="Prompts per category."),
+    seed: int = typer.Option(0, "--seed", help="Seed for prompts and images."),
+    steps: int = typer.Option(20, "--steps", help="Sampler steps."),
+    guidance: float = typer.Option(4.0, "--guidance", help="Classifier-free guidance scale."),
+    scheduler: str = typer.Option("DPM++ 2M", "--scheduler", help="Sampler name."),
+    category: Optional[list[str]] = typer.Option(None, "--category", help="Only these categories (repeatable)."),
+) -> None:
+    """Generate prompts of every GenEval-style category and judge each image with the scene checker."""
+    from ..evaluate import evaluate_compositional
+    from ..pipeline import load
+    from ..shapesworld import spec
+
+    cats = tuple(category or spec.CATEGORIES)
+    bad = [c for c in cats if c not in spec.CATEGORIES]
+    if bad:
+        raise UsageError(f"unknown category {bad[0]!r}; choose from {', '.join(spec.CATEGORIES)}")
+    if not 1 <= per_category <= 10_000:
+        raise UsageError(f"--per-category must be between 1 and 10000, got {per_category}")
+    pipe = load(model)
+    r = evaluate_compositional(pipe, out_dir, per_category, seed, steps, guidance, scheduler, cats)
+    out.print(f"overall {r['overall']:.3f}  ({per_category} prompts per category, {r['seconds_per_image']:.2f} s/image)")
+    for c, rate in r["per_category"].items():
+        out.print(f"  {c:<18} {rate:.3f}")
+    out.print(f"results: {out_dir / 'results.json'}")

@@ -58,7 +58,7 @@ def audit_agreement(pipe, emb, n: int, seed: int = 0):
     zs_agree, rel_agree, passes = [], [], []
     for k in range(n):
         prompt = sample_prompt(rng, cats[k % len(cats)])
-        img = pipe.generate(prompt, seed=seed + k)[0]
+        img = pipe.generate(sfumato.GenerationSettings(prompt, seed=seed + k))[0]
         verdict = judge(img, prompt)
         passes.append(verdict.passed)
         zs = zero_shot_rows(emb, img, prompt)

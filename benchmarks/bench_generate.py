@@ -2,7 +2,7 @@
 
     python benchmarks/bench_generate.py [--model DIR] [--n 20]
 
-Each side runs with its own defaults (sfumato: pipe.generate(prompt, seed=i), i.e. 20 DPM++ 2M steps
+Each side runs with its own defaults (sfumato: pipe.generate(GenerationSettings(prompt, seed=i)), i.e. 20 DPM++ 2M steps
 at CFG 4; diffusers: StableDiffusionPipeline.from_pretrained(model)(prompt), i.e. the folder's own
 scheduler, 50 steps at guidance 7.5), at the model's native size, after one warm-up call each.
 Each side runs in its own child process so that its peak RSS (resource.getrusage) is its own.
@@ -50,11 +50,10 @@ def _worker(kind: str, model: str, n: int, prompt: str) -> dict:
 
         pipe = sfumato.load(model)
         device, size = pipe.device, pipe.native
-        params = inspect.signature(pipe.generate).parameters
-        steps, cfg = params["steps"].default, params["guidance"].default
+        steps, cfg = sfumato.GenerationSettings.steps, sfumato.GenerationSettings.guidance
 
         def one(i: int):
-            return pipe.generate(prompt, seed=i)[0]
+            return pipe.generate(sfumato.GenerationSettings(prompt, seed=i))[0]
     else:
         import diffusers
 

@@ -140,9 +140,9 @@ class FakePipe:
     def __init__(self, draw):
         self.draw, self.calls = draw, []
 
-    def generate(self, prompt, n=1, seed=0, steps=20, guidance=4.0, scheduler="DPM++ 2M", **kw):
-        self.calls.append((prompt, seed, steps))
-        return [self.draw(prompt, seed + i) for i in range(n)]
+    def generate(self, settings, n=1, **kw):
+        self.calls.append((settings.prompt, settings.seed, settings.steps))
+        return [self.draw(settings.prompt, settings.seed + i) for i in range(n)]
 
 
 def test_perfect_generator_scores_one(tmp_path):

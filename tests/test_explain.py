@@ -21,6 +21,7 @@ from sfumato import explain
 from sfumato.attention import AttentionStore, capture_cross_attention, normalise, word_token_spans
 from sfumato.cli import main
 from sfumato.errors import UsageError
+from sfumato.config import GenerationSettings as S
 from sfumato.shapesworld.render import Obj, Scene, make_scene, render
 from searchkit import make_images, make_tiny_model
 from test_generate import build_tiny_sd
@@ -167,7 +168,7 @@ def test_capture_with_cfg_keeps_the_conditional_half(pipe):
 @pytest.mark.parametrize("guidance", [4.0, 1.0])
 def test_generation_capture_has_one_map_per_image(pipe, guidance):
     with explain.generation_capture(pipe, 0, guidance) as store:
-        images = pipe.generate("a red circle", n=2, steps=2, guidance=guidance)
+        images = pipe.generate(S("a red circle", steps=2, guidance=guidance), n=2)
     assert len(images) == 2
     assert store.maps().shape == (2, pipe.tokenizer.model_max_length, pipe.native, pipe.native)
 
@@ -219,8 +220,8 @@ def test_capturing_processor_does_not_change_the_unet_output(pipe):
 
 
 def test_word_maps_image_equals_plain_generation(pipe):
-    wm = explain.word_maps(pipe, PROMPT, seed=1, steps=3)
-    plain = pipe.generate(PROMPT, seed=1, steps=3)[0]
+    wm = explain.word_maps(pipe, S(PROMPT, seed=1, steps=3))
+    plain = pipe.generate(S(PROMPT, seed=1, steps=3))[0]
     assert np.array_equal(px(wm.image), px(plain))
     assert wm.image.info["parameters"] == plain.info["parameters"]
 
@@ -241,13 +242,13 @@ def test_word_token_spans_cover_the_prompt_without_start_and_end(pipe):
 
 
 def test_word_maps_one_per_word_in_order(pipe):
-    wm = explain.word_maps(pipe, PROMPT, seed=2, steps=2)
+    wm = explain.word_maps(pipe, S(PROMPT, seed=2, steps=2))
     assert wm.words == PROMPT.split()
     assert wm.maps.shape == (len(wm.words), wm.image.height, wm.image.width) == (7, pipe.native, pipe.native)
     assert wm.maps.min() >= 0 and wm.maps.max() <= 1 + 1e-6
     # the same maps by hand: each word's tokens summed, scaled to [0, 1]
     with explain.generation_capture(pipe) as store:
-        pipe.generate(PROMPT, seed=2, steps=2)
+        pipe.generate(S(PROMPT, seed=2, steps=2))
     tokens = store.maps()[0]
     want = normalise(torch.stack([tokens[span].sum(0) for _, span in word_token_spans(pipe.tokenizer, PROMPT)]))
     assert np.allclose(wm.maps, want.numpy(), atol=1e-5)
@@ -257,7 +258,7 @@ def test_word_maps_of_a_long_prompt_keep_only_words_that_fit(pipe):
     tok = pipe.tokenizer
     assert len(tok(LONG_PROMPT).input_ids) > tok.model_max_length
     with pytest.warns(UserWarning, match="dropped"):
-        wm = explain.word_maps(pipe, LONG_PROMPT, steps=2)
+        wm = explain.word_maps(pipe, S(LONG_PROMPT, steps=2))
     words = LONG_PROMPT.split()
     n = len(wm.words)
     assert 0 < n < len(words) and wm.words == words[:n]
@@ -267,7 +268,7 @@ def test_word_maps_of_a_long_prompt_keep_only_words_that_fit(pipe):
 
 
 def test_word_maps_save(pipe, tmp_path):
-    wm = explain.word_maps(pipe, "a red circle", steps=2)
+    wm = explain.word_maps(pipe, S("a red circle", steps=2))
     wm.save(tmp_path / "w.png", tmp_path / "w.npz")
     with np.load(tmp_path / "w.npz") as z:
         assert list(z["words"]) == ["a", "red", "circle"]
@@ -278,7 +279,7 @@ def test_word_maps_save(pipe, tmp_path):
 
 
 def test_word_maps_with_size(pipe):
-    wm = explain.word_maps(pipe, "a red circle", steps=2, size=(32, 64))
+    wm = explain.word_maps(pipe, S("a red circle", steps=2, width=32, height=64))
     assert wm.image.size == (32, 64) and wm.maps.shape == (3, 64, 32)
 
 
@@ -447,8 +448,8 @@ def test_run_calls_after_for_each_image(pipe, tmp_path):
         extra.write_text(prompt)
         return [extra]
 
-    paths = gen.run(pipe, ["a red circle"], tmp_path / "o", 2, 5, False, False, progress=False, explain=True,
-                    after=after, steps=2)
+    paths = gen.run(pipe, ["a red circle"], S("", seed=5, steps=2), tmp_path / "o", 2, False, False, progress=False,
+                    explain=True, after=after)
     assert len(calls) == 2 and all(c[1] == "a red circle" for c in calls)
     pngs = [c[2] for c in calls]
     for p in pngs:
@@ -470,7 +471,7 @@ def test_cli_explain_generate(sd, pipe, tmp_path, capsys):
     with Image.open(out / "image.png") as im:
         params = im.text["parameters"]
         assert params.startswith(PROMPT) and "Steps: 2" in params
-        assert np.array_equal(px(im), px(pipe.generate(PROMPT, seed=0, steps=2)[0]))
+        assert np.array_equal(px(im), px(pipe.generate(S(PROMPT, seed=0, steps=2))[0]))
     with np.load(out / "maps.npz") as z:
         assert list(z["words"]) == PROMPT.split()
         assert z["maps"].shape == (7, pipe.native, pipe.native)

@@ -20,6 +20,7 @@ from PIL import Image
 import sfumato
 from sfumato.cli import main
 from sfumato.errors import SfumatoError, UsageError
+from sfumato.config import GenerationSettings as S
 from sfumato.pipeline import SCHEDULERS, GenerationSettings, parse_parameters
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes from diffusers' schedulers
@@ -126,16 +127,26 @@ def cli(*args) -> int:
 
 def test_load_and_native_size(pipe, model_dir):
     assert pipe.native == NATIVE and pipe.name == "tiny-sd"
-    images = pipe.generate(PROMPT, steps=3)
+    images = pipe.generate(S(PROMPT, steps=3))
     assert len(images) == 1 and isinstance(images[0], Image.Image)
     assert images[0].size == (NATIVE, NATIVE) and images[0].mode == "RGB"
     assert px(images[0]).std() > 0  # not a blank frame
 
 
 def test_explicit_sizes(pipe):
-    assert pipe.generate(PROMPT, steps=2, size=(64, 64))[0].size == (64, 64)
-    assert pipe.generate(PROMPT, steps=2, size=48)[0].size == (48, 48)
-    assert pipe.generate(PROMPT, steps=2, size=(64, 32))[0].size == (64, 32)  # (width, height)
+    assert pipe.generate(S(PROMPT, steps=2, width=64, height=64))[0].size == (64, 64)
+    assert pipe.generate(S(PROMPT, steps=2, width=48, height=48))[0].size == (48, 48)
+    assert pipe.generate(S(PROMPT, steps=2, width=64, height=32))[0].size == (64, 32)  # (width, height)
+
+
+def test_pipeline_from_in_memory_components(pipe):
+    from sfumato.pipeline import Pipeline
+
+    mem = Pipeline(None, pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler_config, pipe.device)
+    settings = S(PROMPT, seed=4, steps=2)
+    img = mem.generate(settings)[0]
+    assert np.array_equal(px(img), px(pipe.generate(settings)[0]))
+    assert "Model: in-memory" in img.info["parameters"] and settings.width == 0  # the settings are not modified
 
 
 def test_load_via_cli(model_dir, tmp_path, capsys):
@@ -170,7 +181,7 @@ def test_the_shipped_default_model_draws_from_plain_diffusers_and_sfumato():
     assert sum(f.stat().st_size for f in files) <= 40 * 2**20
     sd = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None, requires_safety_checker=False)
     assert sd.unet.config.sample_size * sd.vae_scale_factor == 64
-    img = sfumato.load().generate("a red circle on a white background", seed=0, steps=4)[0]
+    img = sfumato.load().generate(S("a red circle on a white background", seed=0, steps=4))[0]
     assert img.size == (64, 64) and "sfumato-default" in img.info["parameters"]
     rgb = px(img).reshape(-1, 3).astype(int)
     assert (rgb.min(1) > 200).mean() > 0.3  # mostly white, as asked: the weights are trained, not random
@@ -180,19 +191,19 @@ def test_the_shipped_default_model_draws_from_plain_diffusers_and_sfumato():
 
 
 def test_same_seed_same_pixels_different_seed_different(pipe):
-    a = pipe.generate(PROMPT, seed=11, steps=3)[0]
+    a = pipe.generate(S(PROMPT, seed=11, steps=3))[0]
     torch.manual_seed(1234)  # the global RNG must not matter
-    b = pipe.generate(PROMPT, seed=11, steps=3)[0]
-    c = pipe.generate(PROMPT, seed=12, steps=3)[0]
+    b = pipe.generate(S(PROMPT, seed=11, steps=3))[0]
+    c = pipe.generate(S(PROMPT, seed=12, steps=3))[0]
     assert np.array_equal(px(a), px(b))
     assert not np.array_equal(px(a), px(c))
 
 
 def test_batch_image_i_uses_seed_plus_i(pipe):
-    batch = pipe.generate(PROMPT, n=3, seed=5, steps=3)
+    batch = pipe.generate(S(PROMPT, seed=5, steps=3), n=3)
     assert len(batch) == 3
     for i, img in enumerate(batch):
-        single = pipe.generate(PROMPT, n=1, seed=5 + i, steps=3)[0]
+        single = pipe.generate(S(PROMPT, seed=5 + i, steps=3), n=1)[0]
         assert same_up_to_rounding(img, single), f"image {i}"
         assert f"Seed: {5 + i}," in img.info["parameters"]
 
@@ -200,12 +211,12 @@ def test_batch_image_i_uses_seed_plus_i(pipe):
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_seed_alone_determines_pixels_for_every_scheduler(pipe, name):
     torch.manual_seed(1)  # the global RNG must not matter
-    a = pipe.generate(PROMPT, n=2, seed=3, steps=4, scheduler=name)
+    a = pipe.generate(S(PROMPT, seed=3, steps=4, scheduler=name), n=2)
     torch.manual_seed(2)
-    again = pipe.generate(PROMPT, n=2, seed=3, steps=4, scheduler=name)
+    again = pipe.generate(S(PROMPT, seed=3, steps=4, scheduler=name), n=2)
     assert all(np.array_equal(px(x), px(y)) for x, y in zip(a, again)), "same seed, different pixels"
     torch.manual_seed(3)
-    single = [pipe.generate(PROMPT, n=1, seed=3 + i, steps=4, scheduler=name)[0] for i in range(2)]
+    single = [pipe.generate(S(PROMPT, seed=3 + i, steps=4, scheduler=name), n=1)[0] for i in range(2)]
     assert same_up_to_rounding(a[0], single[0]) and same_up_to_rounding(a[1], single[1]), \
         "image i of a batch differs from a single image at seed + i"
 
@@ -216,7 +227,7 @@ def test_seed_alone_determines_pixels_for_every_scheduler(pipe, name):
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_every_scheduler_runs(pipe, name):
     seen = []
-    img = pipe.generate(PROMPT, steps=3, scheduler=name, callback=seen.append)[0]
+    img = pipe.generate(S(PROMPT, steps=3, scheduler=name), callback=seen.append)[0]
     assert seen and seen[-1]["i"] == len(seen) - 1 and seen[-1]["total"] == len(seen)
     assert all(torch.isfinite(s["latents"]).all() for s in seen)
     a = px(img)
@@ -237,18 +248,18 @@ def test_list_schedulers(capsys):
 
 
 def test_img2img_strength(pipe, init_image):
-    same = pipe.generate(PROMPT, steps=4, init_image=init_image, strength=0.0)[0]
+    same = pipe.generate(S(PROMPT, steps=4, strength=0.0), init_image=init_image)[0]
     assert np.abs(px(same) - px(init_image)).max() <= 2
-    redone = pipe.generate(PROMPT, steps=4, init_image=init_image, strength=1.0)[0]
+    redone = pipe.generate(S(PROMPT, steps=4, strength=1.0), init_image=init_image)[0]
     assert np.abs(px(redone) - px(init_image)).mean() > 10
-    half = pipe.generate(PROMPT, steps=4, init_image=init_image, strength=0.5)[0]
+    half = pipe.generate(S(PROMPT, steps=4, strength=0.5), init_image=init_image)[0]
     assert "Denoising strength: 0.5" in half.info["parameters"]
-    assert "Denoising strength" not in pipe.generate(PROMPT, steps=2)[0].info["parameters"]
+    assert "Denoising strength" not in pipe.generate(S(PROMPT, steps=2))[0].info["parameters"]
 
 
 def test_img2img_resizes_init_image(pipe, init_image):
     big = init_image.resize((64, 64), Image.NEAREST)
-    out = pipe.generate(PROMPT, steps=4, init_image=big, strength=0.0)[0]
+    out = pipe.generate(S(PROMPT, steps=4, strength=0.0), init_image=big)[0]
     assert out.size == (NATIVE, NATIVE)
 
 
@@ -256,7 +267,7 @@ def test_img2img_resizes_init_image(pipe, init_image):
 def test_inpainting_keeps_unmasked_pixels(pipe, init_image, name):
     mask = Image.new("L", init_image.size, 0)
     mask.paste(255, (0, 0, NATIVE // 2, NATIVE))  # white = repaint the left half
-    out = px(pipe.generate(PROMPT, steps=4, init_image=init_image, strength=0.75, mask=mask, scheduler=name)[0])
+    out = px(pipe.generate(S(PROMPT, steps=4, strength=0.75, scheduler=name), init_image=init_image, mask=mask)[0])
     ref = px(init_image)
     assert np.array_equal(out[:, NATIVE // 2:], ref[:, NATIVE // 2:])
     assert np.abs(out[:, :NATIVE // 2] - ref[:, :NATIVE // 2]).mean() > 10
@@ -272,7 +283,7 @@ def test_init_image_array_is_writable(pipe, init_image, monkeypatch):
         return real(a)
 
     monkeypatch.setattr(torch, "from_numpy", spy)
-    pipe.generate(PROMPT, steps=2, init_image=init_image, strength=0.5)
+    pipe.generate(S(PROMPT, steps=2, strength=0.5), init_image=init_image)
     assert seen and all(seen)
 
 
@@ -309,7 +320,7 @@ def test_png_parameters_a1111_format_and_info(model_dir, pipe, tmp_path, capsys)
 
 
 def test_parameters_without_negative(pipe):
-    text = pipe.generate(PROMPT, steps=2, seed=3)[0].info["parameters"]
+    text = pipe.generate(S(PROMPT, steps=2, seed=3))[0].info["parameters"]
     assert "Negative prompt" not in text
     prompt, line = text.split("\n")
     assert prompt == PROMPT and A1111_LINE.match(line)
@@ -378,7 +389,7 @@ def test_long_prompt_warns_naming_dropped_words(model_dir, pipe, tmp_path, capsy
     ids = tok(LONG_PROMPT, truncation=False).input_ids
     assert len(ids) > tok.model_max_length  # the prompt really is too long
     with pytest.warns(UserWarning, match="dropped") as rec:
-        pipe.generate(LONG_PROMPT, steps=2)
+        pipe.generate(S(LONG_PROMPT, steps=2))
     msg = next(str(w.message) for w in rec if "dropped" in str(w.message))
     dropped = re.search(r"dropped: '(.*)'$", msg).group(1)
     assert dropped and LONG_PROMPT.endswith(dropped) and dropped != LONG_PROMPT
@@ -386,7 +397,7 @@ def test_long_prompt_warns_naming_dropped_words(model_dir, pipe, tmp_path, capsy
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        pipe.generate(PROMPT, steps=2)  # a short prompt does not warn
+        pipe.generate(S(PROMPT, steps=2))  # a short prompt does not warn
 
     assert cli("generate", LONG_PROMPT, "--model", model_dir, "--steps", 2, "--out", tmp_path / "o.png") == 0
     err = capsys.readouterr().err
@@ -478,14 +489,14 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, model_dir, init_im
 
 def test_library_rejects_bad_settings(pipe, init_image):
     with pytest.raises(UsageError, match="unknown scheduler"):
-        pipe.generate(PROMPT, scheduler="nope")
+        pipe.generate(S(PROMPT, scheduler="nope"))
     with pytest.raises(UsageError, match="--steps"):
-        pipe.generate(PROMPT, steps=0)
+        pipe.generate(S(PROMPT, steps=0))
     with pytest.raises(UsageError, match="--size"):
-        pipe.generate(PROMPT, size=33)
+        pipe.generate(S(PROMPT, width=33, height=33))
     with pytest.raises(UsageError, match="empty"):
-        pipe.generate("")
+        pipe.generate(S(""))
     with pytest.raises(UsageError, match="--init-image"):
-        pipe.generate(PROMPT, mask=Image.new("L", (32, 32)))
+        pipe.generate(S(PROMPT), mask=Image.new("L", (32, 32)))
     with pytest.raises(UsageError, match="must match"):
-        pipe.generate(PROMPT, steps=2, init_image=init_image, mask=Image.new("L", (16, 16)))
+        pipe.generate(S(PROMPT, steps=2), init_image=init_image, mask=Image.new("L", (16, 16)))

@@ -7,6 +7,7 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
+from .config import GenerationSettings
 from .errors import SfumatoError, UsageError
 
 
@@ -17,4 +18,4 @@ def load(model=None, device=None):
     return _load(model, device)
 
 
-__all__ = ["__version__", "SfumatoError", "UsageError", "load"]
+__all__ = ["__version__", "GenerationSettings", "SfumatoError", "UsageError", "load"]

@@ -171,9 +171,8 @@ def _resolve(cfg, key: str):
     return obj, fields[name]
 
 
-def _coerce(key: str, value, tp):
-    """Check a value against a field's annotation; ints are accepted for floats, lists for tuples."""
-    hints = tp if not isinstance(tp, str) else eval(tp, vars(typing), {})  # annotations are strings here
+def _coerce(key: str, value, hints):
+    """Check a value against a field's (resolved) type; ints are accepted for floats, lists for tuples."""
     origin = typing.get_origin(hints)
     if origin is tuple:
         (item, *_) = typing.get_args(hints)
@@ -192,7 +191,7 @@ def _coerce(key: str, value, tp):
 def _apply(cfg: TrainCfg, items) -> None:
     for key, value in items:
         obj, f = _resolve(cfg, key)
-        setattr(obj, f.name, _coerce(key, value, f.type))
+        setattr(obj, f.name, _coerce(key, value, typing.get_type_hints(type(obj))[f.name]))
 
 
 def apply_overrides(cfg: TrainCfg, assignments: list[str]) -> TrainCfg:
@@ -241,3 +240,57 @@ def _flatten(d: dict):
             yield from ((f"{k}.{kk}", vv) for kk, vv in v.items())
         else:
             yield (k, v)
+
+
+# ---------------------------------------------------------------- generation
+
+DEFAULT_SCHEDULER = "DPM++ 2M"  # a name of pipeline.SCHEDULERS
+DEFAULT_STRENGTH = 0.75  # img2img: the share of the schedule re-run when an init image is given
+MAX_SIDE = 2048
+MAX_STEPS = 1000
+MAX_IMAGES = 256
+MAX_GUIDANCE = 50.0
+
+
+@dataclass
+class GenerationSettings:
+    """One generation: the defaults of `sfumato generate`, the server's request fields and
+    Pipeline.generate, and the AUTOMATIC1111 `parameters` text written into each PNG."""
+
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 4.0
+    scheduler: str = DEFAULT_SCHEDULER
+    width: int = 0  # 0: the model's native size
+    height: int = 0
+    strength: float | None = None  # img2img / inpainting
+    extra: dict = field(default_factory=dict)
+
+    def parameters(self, model_name: str, model_hash: str) -> str:
+        """AUTOMATIC1111's `parameters` text: prompt, negative prompt, then a comma-separated line."""
+        line = [f"Steps: {self.steps}", f"Sampler: {self.scheduler}", f"CFG scale: {self.guidance:g}",
+                f"Seed: {self.seed}", f"Size: {self.width}x{self.height}", f"Model hash: {model_hash}",
+                f"Model: {model_name}"]
+        if self.strength is not None:
+            line.append(f"Denoising strength: {self.strength:g}")
+        line += [f"{k}: {v}" for k, v in self.extra.items()]
+        neg = f"\nNegative prompt: {self.negative}" if self.negative else ""
+        return f"{self.prompt}{neg}\n" + ", ".join(line)
+
+
+def parse_parameters(text: str) -> dict:
+    """Inverse of GenerationSettings.parameters (AUTOMATIC1111 format)."""
+    lines = text.strip().split("\n")
+    out: dict = {"prompt": "", "negative_prompt": ""}
+    settings = lines[-1] if lines and lines[-1].startswith("Steps:") else ""
+    body = lines[:-1] if settings else lines
+    neg_at = next((i for i, l in enumerate(body) if l.startswith("Negative prompt:")), len(body))
+    out["prompt"] = "\n".join(body[:neg_at])
+    out["negative_prompt"] = "\n".join(body[neg_at:])[len("Negative prompt:"):].strip()
+    for part in settings.split(", "):
+        k, sep, v = part.partition(": ")
+        if sep:
+            out[k] = v
+    return out

@@ -15,6 +15,7 @@ import random
 import time
 from pathlib import Path
 
+from .config import GenerationSettings
 from .shapesworld import spec
 
 
@@ -65,8 +66,9 @@ def summarize(verdicts: list[dict]) -> dict:
             "counts": {c: len(v) for c, v in cats.items()}}
 
 
-def evaluate_compositional(pipe, out: Path, per_category: int = 50, seed: int = 0, steps: int = 20,
-                           guidance: float = 4.0, scheduler: str = "DPM++ 2M",
+def evaluate_compositional(pipe, out: Path, per_category: int = 50, seed: int = 0,
+                           steps: int = GenerationSettings.steps, guidance: float = GenerationSettings.guidance,
+                           scheduler: str = GenerationSettings.scheduler,
                            categories: tuple[str, ...] = spec.CATEGORIES, progress: bool = True) -> dict:
     """Generate, judge and report; returns the results dict also written to out/results.json."""
     from PIL import Image
@@ -90,7 +92,8 @@ def evaluate_compositional(pipe, out: Path, per_category: int = 50, seed: int = 
         bar.start()
     try:
         for k, (category, prompt) in enumerate(prompts):
-            img = pipe.generate(prompt, n=1, seed=seed + k, steps=steps, guidance=guidance, scheduler=scheduler)[0]
+            img = pipe.generate(GenerationSettings(prompt, seed=seed + k, steps=steps, guidance=guidance,
+                                                   scheduler=scheduler))[0]
             v = judge(img, prompt)
             name = f"{category}-{k:05d}.png"
             save_png(img, out / "images" / name)

@@ -1,7 +1,7 @@
 """Explain what the model did: per-word attention maps of a generation, grounding of phrases on a
 given image, a word-by-word adherence audit, and the nearest training images.
 
-    maps = word_maps(pipe, "a red circle above a blue square", seed=1)    # generation + per-word maps
+    maps = word_maps(pipe, GenerationSettings("a red circle above a blue square", seed=1))  # + per-word maps
     g = ground(pipe, Image.open("x.png"), ["red circle", "blue square"])  # where each phrase is
     rows = audit(Image.open("x.png"), "three red squares", pipe=pipe)     # what the image got right
 """
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .attention import capture_cross_attention, normalise, word_token_spans
+from .config import GenerationSettings
 from .errors import UsageError
 from .images import npz_bytes, png_bytes
 from .viz import make_grid
@@ -100,18 +101,17 @@ def word_maps_from_tokens(tokenizer, prompt: str, image: Image.Image, token_maps
     return WordMaps(image, [p[0] for p in pairs], normalise(torch.stack([p[1] for p in pairs])).numpy())
 
 
-def generation_capture(pipe, size=0, guidance: float = 4.0):
+def generation_capture(pipe, size=0, guidance: float = GenerationSettings.guidance):
     """A context that records the cross-attention of pipe.generate at the output size."""
     size = size or pipe.native
     w, h = (size, size) if isinstance(size, int) else size
     return capture_cross_attention(pipe.unet, h, w, cfg=guidance != 1.0)
 
 
-def word_maps(pipe, prompt: str, **generate_kwargs) -> WordMaps:
+def word_maps(pipe, settings: GenerationSettings) -> WordMaps:
     """Generate one image and the cross-attention map of every word of its prompt."""
-    with generation_capture(pipe, generate_kwargs.get("size", 0), generate_kwargs.get("guidance", 4.0)) as store:
-        image = pipe.generate(prompt, n=1, **generate_kwargs)[0]
-    return word_maps_from_tokens(pipe.tokenizer, prompt, image, store.maps()[0])
+    images, maps = pipe.generate(settings, n=1, capture=True)
+    return word_maps_from_tokens(pipe.tokenizer, settings.prompt, images[0], maps[0])
 
 
 # ---------------------------------------------------------------- grounding on a given image

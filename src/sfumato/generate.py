@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .config import DEFAULT_STRENGTH, GenerationSettings
 from .errors import UsageError
 from .files import atomic_write_text
 from .images import save_png
@@ -65,47 +66,43 @@ class Plan:
         return self.folder / (f"{name}-grid.png" if name else "grid.png")
 
 
-def run(pipe, prompts: list[str], out: Path, n: int, seed: int, grid: bool, batch: bool, progress: bool = True,
-        explain: bool = False, after=None, **kw) -> list[Path]:
-    """Generate n images per prompt; write them, index.jsonl for batches, and an optional grid.
+def run(pipe, prompts: list[str], settings: GenerationSettings, out: Path, n: int, grid: bool, batch: bool,
+        progress: bool = True, explain: bool = False, after=None, init_image=None, mask=None) -> list[Path]:
+    """Generate n images per prompt with `settings` (its prompt replaced by each of `prompts`, prompt j
+    seeded settings.seed + j * n); write them, index.jsonl for batches, and an optional grid.
 
     explain: also write IMAGE.words.png (per-word attention overlays) and IMAGE.maps.npz.
     after(image, prompt, path) -> [paths]: called once per written image (audits, neighbours)."""
-    from contextlib import nullcontext
-
     from .viz import make_grid
 
     plan = Plan.make(out, n * len(prompts), batch)
-    for p in prompts:  # check every prompt and setting before the first image is drawn
-        pipe.check(_settings(p, seed, kw), n)
+    runs = [replace(settings, prompt=p, seed=settings.seed + j * n) for j, p in enumerate(prompts)]
+    for s in runs:  # check every prompt and setting before the first image is drawn
+        pipe.check(replace(s, strength=s.strength if init_image is not None else None), n)
     plan.folder.mkdir(parents=True, exist_ok=True)
     written, rows, images = [], [], []
     bar = _bar(len(prompts) * n) if progress else None
     try:
-        for j, prompt in enumerate(prompts):
-            if explain:
-                from .explain import generation_capture, word_maps_from_tokens
-            capture = generation_capture(pipe, kw.get("size", 0), kw.get("guidance", 4.0)) if explain else nullcontext()
-            with capture as store:
-                batch_images = pipe.generate(prompt, n=n, seed=seed + j * n, **kw)
-            if explain and store.calls == 0:
-                raise UsageError("--explain has nothing to show: at this --strength the model never runs "
-                                 "(the init image comes back unchanged); raise --strength or drop --explain")
+        for j, s in enumerate(runs):
+            result = pipe.generate(s, n=n, init_image=init_image, mask=mask, capture=explain)
+            batch_images, maps = result if explain else (result, None)
             for i, img in enumerate(batch_images):
                 k = j * n + i
-                path = plan.path(prompt, seed + k, k)
+                path = plan.path(s.prompt, settings.seed + k, k)
                 save_png(img, path)
                 written.append(path)
                 if explain:
-                    wm = word_maps_from_tokens(pipe.tokenizer, prompt, img, store.maps()[i])
+                    from .explain import word_maps_from_tokens
+
+                    wm = word_maps_from_tokens(pipe.tokenizer, s.prompt, img, maps[i])
                     extra = [path.with_suffix(".words.png"), path.with_suffix(".maps.npz")]
                     wm.save(*extra)
                     written += extra
                 if after is not None:
-                    written += after(img, prompt, path) or []
+                    written += after(img, s.prompt, path) or []
                 images.append(img)
-                rows.append({"file": path.name, "prompt": prompt, "seed": seed + k,
-                             "parameters": img.info["parameters"], **_row_settings(kw)})
+                rows.append({"file": path.name, "prompt": s.prompt, "seed": settings.seed + k,
+                             "parameters": img.info["parameters"], **_row_settings(settings, init_image is not None)})
                 if bar:
                     bar[0].advance(bar[1])
     finally:
@@ -120,18 +117,12 @@ def run(pipe, prompts: list[str], out: Path, n: int, seed: int, grid: bool, batc
     return written
 
 
-def _settings(prompt, seed, kw):
-    from .pipeline import GenerationSettings
-
-    size = kw.get("size", 0)
-    w, h = (size, size) if isinstance(size, int) else size
-    return GenerationSettings(prompt, kw.get("negative", ""), seed, kw.get("steps", 20), kw.get("guidance", 4.0),
-                              kw.get("scheduler", "DPM++ 2M"), w, h)
-
-
-def _row_settings(kw) -> dict:
-    keep = ("steps", "guidance", "negative", "scheduler", "size", "strength")
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k in keep}
+def _row_settings(s: GenerationSettings, img2img: bool) -> dict:
+    row = {"steps": s.steps, "guidance": s.guidance, "negative": s.negative, "scheduler": s.scheduler,
+           "size": [s.width, s.height] if s.width or s.height else 0}
+    if img2img:
+        row["strength"] = DEFAULT_STRENGTH if s.strength is None else s.strength
+    return row
 
 
 def _bar(total: int):

@@ -2,7 +2,7 @@
 
     import sfumato
     pipe = sfumato.load()                        # the shipped default model
-    images = pipe.generate("two red squares", seed=1)
+    images = pipe.generate(sfumato.GenerationSettings("two red squares", seed=1))
     images[0].info["parameters"]                 # AUTOMATIC1111-style generation parameters
 
 Any Stable Diffusion 1.x/2.x folder in the diffusers layout loads too (`sfumato.load("path/to/sd15")`);
@@ -11,10 +11,11 @@ weights are read from safetensors only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import warnings
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -22,11 +23,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .attention import capture_cross_attention
+from .config import (DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_SIDE, MAX_STEPS, GenerationSettings,
+                     parse_parameters)
 from .errors import SfumatoError, UsageError
 from .models import quiet_libraries
-from .sampling import decode_latents, denoise, seeded_noise
+from .sampling import decode_latents, denoise, encode_prompts, seeded_noise
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
+__all__ = ["DEFAULT_MODEL", "SCHEDULERS", "GenerationSettings", "Pipeline", "load", "make_scheduler",
+           "parse_parameters"]
 
 # AUTOMATIC1111 sampler names -> (diffusers scheduler class, config overrides).
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -41,10 +47,6 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "Heun": ("HeunDiscreteScheduler", {}),
     "DDPM": ("DDPMScheduler", {}),
 }
-DEFAULT_SCHEDULER = "DPM++ 2M"
-MAX_SIDE = 2048
-MAX_STEPS = 1000
-MAX_IMAGES = 256
 
 
 def list_schedulers() -> list[str]:
@@ -66,47 +68,6 @@ def make_scheduler(name: str, base_config):
         return getattr(diffusers, cls_name).from_config(cfg, **overrides)
 
 
-@dataclass
-class GenerationSettings:
-    prompt: str
-    negative: str = ""
-    seed: int = 0
-    steps: int = 20
-    guidance: float = 4.0
-    scheduler: str = DEFAULT_SCHEDULER
-    width: int = 0  # 0: the model's native size
-    height: int = 0
-    strength: float | None = None  # img2img / inpainting
-    extra: dict = field(default_factory=dict)
-
-    def parameters(self, model_name: str, model_hash: str) -> str:
-        """AUTOMATIC1111's `parameters` text: prompt, negative prompt, then a comma-separated line."""
-        line = [f"Steps: {self.steps}", f"Sampler: {self.scheduler}", f"CFG scale: {self.guidance:g}",
-                f"Seed: {self.seed}", f"Size: {self.width}x{self.height}", f"Model hash: {model_hash}",
-                f"Model: {model_name}"]
-        if self.strength is not None:
-            line.append(f"Denoising strength: {self.strength:g}")
-        line += [f"{k}: {v}" for k, v in self.extra.items()]
-        neg = f"\nNegative prompt: {self.negative}" if self.negative else ""
-        return f"{self.prompt}{neg}\n" + ", ".join(line)
-
-
-def parse_parameters(text: str) -> dict:
-    """Inverse of GenerationSettings.parameters (AUTOMATIC1111 format)."""
-    lines = text.strip().split("\n")
-    out: dict = {"prompt": "", "negative_prompt": ""}
-    settings = lines[-1] if lines and lines[-1].startswith("Steps:") else ""
-    body = lines[:-1] if settings else lines
-    neg_at = next((i for i, l in enumerate(body) if l.startswith("Negative prompt:")), len(body))
-    out["prompt"] = "\n".join(body[:neg_at])
-    out["negative_prompt"] = "\n".join(body[neg_at:])[len("Negative prompt:"):].strip()
-    for part in settings.split(", "):
-        k, sep, v = part.partition(": ")
-        if sep:
-            out[k] = v
-    return out
-
-
 def model_hash(folder: Path) -> str:
     """Short hash of the UNet weights (as A1111 shows a checkpoint hash)."""
     f = next(iter(sorted((folder / "unet").glob("*.safetensors"))), None)
@@ -120,13 +81,15 @@ def model_hash(folder: Path) -> str:
 
 
 class Pipeline:
-    """The loaded components of a model folder plus generate()."""
+    """The components of a model (from a folder by `load`, or in memory) plus generate()."""
 
-    def __init__(self, folder: Path, tokenizer, text_encoder, vae, unet, scheduler_config, device="cpu"):
+    def __init__(self, folder: Path | None, tokenizer, text_encoder, vae, unet, scheduler_config, device="cpu",
+                 name: str | None = None):
         self.folder, self.tokenizer, self.text_encoder = folder, tokenizer, text_encoder
-        self.vae, self.unet, self.scheduler_config, self.device = vae, unet, scheduler_config, device
-        self.name = folder.name if folder != DEFAULT_MODEL else "sfumato-default"
-        self.hash = model_hash(folder)
+        self.vae, self.unet, self.scheduler_config, self.device = vae, unet, dict(scheduler_config), device
+        default = "sfumato-default" if folder == DEFAULT_MODEL else folder.name if folder else "in-memory"
+        self.name = name or default
+        self.hash = model_hash(folder) if folder else "unknown"
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.native = unet.config.sample_size * self.factor
         self.multiple = self.factor * 2 ** (len(unet.config.block_out_channels) - 1)
@@ -143,9 +106,7 @@ class Pipeline:
             if len(ids) > n:
                 dropped = tok.decode(ids[n - 1:-1]).strip()
                 notes.append(f"prompt longer than the {n}-token context; dropped: {dropped!r}")
-        ids = tok(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
-        with torch.no_grad():
-            return self.text_encoder(ids.to(self.device))[0], notes
+        return encode_prompts(tok, self.text_encoder, prompts), notes
 
     # ---------------------------------------------------------------- generation
 
@@ -157,8 +118,8 @@ class Pipeline:
             raise UsageError(f"--steps must be between 1 and {MAX_STEPS}, got {s.steps}")
         if not 1 <= n <= MAX_IMAGES:
             raise UsageError(f"--num-images must be between 1 and {MAX_IMAGES}, got {n}")
-        if not 0 <= s.guidance <= 50:
-            raise UsageError(f"--guidance must be between 0 and 50, got {s.guidance}")
+        if not 0 <= s.guidance <= MAX_GUIDANCE:
+            raise UsageError(f"--guidance must be between 0 and {MAX_GUIDANCE:g}, got {s.guidance}")
         if s.strength is not None and not 0 <= s.strength <= 1:
             raise UsageError(f"--strength must be between 0 and 1, got {s.strength}")
         make_scheduler(s.scheduler, self.scheduler_config)  # unknown names fail here
@@ -170,39 +131,55 @@ class Pipeline:
         return s
 
     @torch.no_grad()
-    def generate(self, prompt: str, n: int = 1, seed: int = 0, steps: int = 20, guidance: float = 4.0,
-                 negative: str = "", scheduler: str = DEFAULT_SCHEDULER, size: int | tuple[int, int] = 0,
-                 init_image: Image.Image | None = None, strength: float = 0.75, mask: Image.Image | None = None,
-                 callback: Callable[[dict], None] | None = None) -> list[Image.Image]:
-        """Generate n images; image i uses seed + i. Returns PIL images with info["parameters"]."""
-        w, h = (size, size) if isinstance(size, int) else size
-        s = self.check(GenerationSettings(prompt, negative, seed, steps, guidance, scheduler, w, h,
-                                          strength if init_image is not None else None), n)
+    def generate(self, settings: GenerationSettings, n: int = 1, init_image: Image.Image | None = None,
+                 mask: Image.Image | None = None, callback: Callable[[dict], None] | None = None,
+                 capture: bool = False):
+        """Generate n images; image i uses settings.seed + i. The one way sfumato samples.
+
+        Args:
+            settings: prompt, negative prompt, seed, steps, guidance, scheduler, size (0: native) and,
+                with an init image, strength (None: DEFAULT_STRENGTH). Not modified.
+            n: images to draw.
+            init_image: start from this image (img2img); mask: with it, white = repaint (inpainting).
+            callback: called after each sampler step with {"i", "t", "latents", "total"}.
+            capture: also record the cross-attention of every image (for per-word maps).
+        Returns:
+            PIL images with info["parameters"]; with capture, (images, token maps (n, T, H, W)).
+        """
+        strength = None
+        if init_image is not None:
+            strength = DEFAULT_STRENGTH if settings.strength is None else settings.strength
+        s = self.check(dataclasses.replace(settings, strength=strength), n)
         init = self._init_latents(init_image, mask, s)
         cond, notes = self.encode([s.prompt] * n)
         uncond, _ = self.encode([s.negative] * n)
         for note in notes[:1]:
             warnings.warn(note)
         shape = (self.unet.config.in_channels, s.height // self.factor, s.width // self.factor)
-        noise, gens = seeded_noise(shape, n, seed, self.device)
+        noise, gens = seeded_noise(shape, n, s.seed, self.device)
         sched = make_scheduler(s.scheduler, self.scheduler_config)
-        if init is not None and round(s.steps * s.strength) == 0:
-            pixels = np.repeat(init["pixels"][None], n, axis=0)  # nothing to re-run: the input as it is
-        else:
-            src = init or {"latents": None, "mask_lat": None}
-            latents = denoise(self.unet, sched, cond, uncond, noise, s.steps, s.guidance, callback, gens,
-                              src["latents"], s.strength or 1.0, src["mask_lat"])
-            pixels = decode_latents(self.vae, latents).numpy()
+        recording = capture_cross_attention(self.unet, s.height, s.width, cfg=s.guidance != 1.0) if capture \
+            else nullcontext()
+        with recording as store:
+            if init is not None and round(s.steps * s.strength) == 0:
+                pixels = np.repeat(init["pixels"][None], n, axis=0)  # nothing to re-run: the input as it is
+            else:
+                src = init or {"latents": None, "mask_lat": None}
+                latents = denoise(self.unet, sched, cond, uncond, noise, s.steps, s.guidance, callback, gens,
+                                  src["latents"], s.strength or 1.0, src["mask_lat"])
+                pixels = decode_latents(self.vae, latents).numpy()
+        if capture and store.calls == 0:
+            raise UsageError("explain has nothing to show: at this strength the model never runs (the init image "
+                             "comes back unchanged); raise the strength or drop explain")
         if init is not None and init["mask_px"] is not None:  # keep unmasked pixels exactly
             m = init["mask_px"][..., None]
             pixels = np.where(m > 0, pixels, init["pixels"][None]).astype(np.uint8)
         images = []
         for i, a in enumerate(pixels):
             img = Image.fromarray(a)
-            si = GenerationSettings(**{**asdict(s), "seed": seed + i})
-            img.info["parameters"] = si.parameters(self.name, self.hash)
+            img.info["parameters"] = dataclasses.replace(s, seed=s.seed + i).parameters(self.name, self.hash)
             images.append(img)
-        return images
+        return (images, store.maps()) if capture else images
 
     def _init_latents(self, init_image, mask, s: GenerationSettings) -> dict | None:
         if init_image is None:

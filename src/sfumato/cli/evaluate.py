@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from ..config import GenerationSettings as S
 from ..errors import UsageError
 from .console import out
 
@@ -22,9 +23,9 @@ def eval_compositional(
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: shipped model)."),
     per_category: int = typer.Option(50, "--per-category", help="Prompts per category."),
     seed: int = typer.Option(0, "--seed", help="Seed for prompts and images."),
-    steps: int = typer.Option(20, "--steps", help="Sampler steps."),
-    guidance: float = typer.Option(4.0, "--guidance", help="Classifier-free guidance scale."),
-    scheduler: str = typer.Option("DPM++ 2M", "--scheduler", help="Sampler name."),
+    steps: int = typer.Option(S.steps, "--steps", help="Sampler steps."),
+    guidance: float = typer.Option(S.guidance, "--guidance", help="Classifier-free guidance scale."),
+    scheduler: str = typer.Option(S.scheduler, "--scheduler", help="Sampler name."),
     category: Optional[list[str]] = typer.Option(None, "--category", help="Only these categories (repeatable)."),
 ) -> None:
     """Generate prompts of every GenEval-style category and judge each image with the scene checker."""

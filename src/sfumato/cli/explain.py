@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from ..config import GenerationSettings as S
 from ..errors import UsageError
 from .console import out
 
@@ -45,10 +46,10 @@ def explain_generate(
     prompt: str = typer.Argument(..., help="What to draw."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for image.png, words.png and maps.npz."),
     model: Optional[Path] = typer.Option(None, "--model", help="Diffusers Stable Diffusion folder (default: shipped model)."),
-    seed: int = typer.Option(0, "--seed", help="Seed."),
-    steps: int = typer.Option(20, "--steps", help="Sampler steps."),
-    guidance: float = typer.Option(4.0, "--guidance", help="Classifier-free guidance scale."),
-    scheduler: str = typer.Option("DPM++ 2M", "--scheduler", help="Sampler name."),
+    seed: int = typer.Option(S.seed, "--seed", help="Seed."),
+    steps: int = typer.Option(S.steps, "--steps", help="Sampler steps."),
+    guidance: float = typer.Option(S.guidance, "--guidance", help="Classifier-free guidance scale."),
+    scheduler: str = typer.Option(S.scheduler, "--scheduler", help="Sampler name."),
 ) -> None:
     """Generate one image and a heat map of every word of the prompt (cross-attention, DAAM-style)."""
     from ..files import publish_dir
@@ -57,7 +58,7 @@ def explain_generate(
     from ..pipeline import load
 
     pipe = load(model)
-    wm = word_maps(pipe, prompt, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler)
+    wm = word_maps(pipe, S(prompt, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler))
     tmp = out_dir.with_name(out_dir.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     save_png(wm.image, tmp / "image.png")

@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from ..config import DEFAULT_STRENGTH
+from ..config import GenerationSettings as S
 from ..errors import UsageError
 from .console import console, out
 
@@ -19,11 +21,11 @@ app = typer.Typer()
 
 def _list_schedulers(value: bool) -> None:
     if value:
-        from ..pipeline import DEFAULT_SCHEDULER, SCHEDULERS
+        from ..pipeline import SCHEDULERS
 
         for name, (cls, kw) in SCHEDULERS.items():
             extra = ", ".join(f"{k}={v}" for k, v in kw.items())
-            mark = " (default)" if name == DEFAULT_SCHEDULER else ""
+            mark = " (default)" if name == S.scheduler else ""
             out.print(f"{name:<16} {cls}{f' ({extra})' if extra else ''}{mark}", highlight=False)
         raise typer.Exit()
 
@@ -40,15 +42,15 @@ def _parse_size(text: str) -> tuple[int, int]:
 def generate_cmd(
     prompt: Optional[str] = typer.Argument(None, help="What to draw."),
     model: Optional[Path] = typer.Option(None, "--model", help="Diffusers Stable Diffusion folder (default: shipped model)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the first image; image i uses seed + i."),
+    seed: int = typer.Option(S.seed, "--seed", help="Seed of the first image; image i uses seed + i."),
     num_images: int = typer.Option(1, "-n", "--num-images", help="Images per prompt."),
-    steps: int = typer.Option(20, "--steps", help="Sampler steps."),
-    guidance: float = typer.Option(4.0, "--guidance", help="Classifier-free guidance scale (1 disables)."),
-    negative: str = typer.Option("", "--negative", help="Negative prompt."),
-    scheduler: str = typer.Option("DPM++ 2M", "--scheduler", help="Sampler name (see --list-schedulers)."),
+    steps: int = typer.Option(S.steps, "--steps", help="Sampler steps."),
+    guidance: float = typer.Option(S.guidance, "--guidance", help="Classifier-free guidance scale (1 disables)."),
+    negative: str = typer.Option(S.negative, "--negative", help="Negative prompt."),
+    scheduler: str = typer.Option(S.scheduler, "--scheduler", help="Sampler name (see --list-schedulers)."),
     size: str = typer.Option("", "--size", help="N or WxH pixels (default: the model's native size)."),
     init_image: Optional[Path] = typer.Option(None, "--init-image", help="Start from this image (img2img)."),
-    strength: float = typer.Option(0.75, "--strength", help="img2img: how much of the schedule to re-run (0-1)."),
+    strength: float = typer.Option(DEFAULT_STRENGTH, "--strength", help="img2img: how much of the schedule to re-run (0-1)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Inpainting mask (white = repaint), same size as --init-image."),
     out_path: Path = typer.Option(Path("outputs"), "--out", help="A .png file or a folder."),
     grid: bool = typer.Option(False, "--grid", help="Also write a contact sheet of all images."),
@@ -74,14 +76,12 @@ def generate_cmd(
     if prompts is not None and prompt:
         raise UsageError("give either a PROMPT or --prompts FILE, not both")
     texts = gen.read_prompts(prompts) if prompts else [prompt]
-    kw = dict(steps=steps, guidance=guidance, negative=negative, scheduler=scheduler,
-              size=_parse_size(size) if size else 0)
-    if init_image is not None:
-        kw.update(init_image=open_image(init_image), strength=strength)
-        if mask is not None:
-            kw["mask"] = open_image(mask)
-    elif mask is not None:
+    w, h = _parse_size(size) if size else (0, 0)
+    settings = S("", negative, seed, steps, guidance, scheduler, w, h, strength if init_image is not None else None)
+    if mask is not None and init_image is None:
         raise UsageError("--mask needs --init-image")
+    init = open_image(init_image) if init_image is not None else None
+    mask_img = open_image(mask) if mask is not None else None
     if neighbours < 0:
         raise UsageError(f"--neighbours must be 0 or more, got {neighbours}")
     if (neighbours > 0) != (index is not None):
@@ -90,8 +90,8 @@ def generate_cmd(
     after = _after_image(pipe, audit, neighbours, index) if (audit or neighbours) else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        paths = gen.run(pipe, texts, out_path, num_images, seed, grid, batch=prompts is not None,
-                        explain=explain, after=after, **kw)
+        paths = gen.run(pipe, texts, settings, out_path, num_images, grid, batch=prompts is not None,
+                        explain=explain, after=after, init_image=init, mask=mask_img)
     for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
         console.print(f"warning: {w}", highlight=False, markup=False)
     for p in paths:

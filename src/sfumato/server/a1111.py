@@ -16,7 +16,8 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import UsageError
-from ..pipeline import DEFAULT_SCHEDULER, SCHEDULERS, parse_parameters
+from ..config import DEFAULT_SCHEDULER, parse_parameters
+from ..pipeline import SCHEDULERS
 from .deps import Server, get_models, get_server, submit, wait_for
 from .media import b64, decode_b64
 from .models import Models

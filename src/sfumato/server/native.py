@@ -13,7 +13,8 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import UsageError
-from ..pipeline import DEFAULT_SCHEDULER
+from ..config import DEFAULT_STRENGTH
+from ..config import GenerationSettings as S
 from .deps import Server, get_models, get_server, submit, wait_for
 from .jobs import Job
 from .media import data_url, decode_b64_image
@@ -29,17 +30,17 @@ class Strict(BaseModel):
 
 class GenerateRequest(Strict):
     prompt: str
-    negative: str = ""
-    seed: int = Field(0, description="Seed of the first image; image i uses seed + i; -1: random.")
-    steps: int = 20
-    guidance: float = 4.0
-    scheduler: str = DEFAULT_SCHEDULER
-    width: int = Field(0, description="Pixels; 0: the model's native size.")
-    height: int = 0
+    negative: str = S.negative
+    seed: int = Field(S.seed, description="Seed of the first image; image i uses seed + i; -1: random.")
+    steps: int = S.steps
+    guidance: float = S.guidance
+    scheduler: str = S.scheduler
+    width: int = Field(S.width, description="Pixels; 0: the model's native size.")
+    height: int = S.height
     n: int = 1
     init_image: Optional[str] = Field(None, description="Base64 PNG/JPEG/WebP for img2img.")
     mask: Optional[str] = Field(None, description="Base64 inpainting mask (white = repaint).")
-    strength: float = 0.75
+    strength: float = DEFAULT_STRENGTH
     explain: bool = Field(False, description="Also return a heat map per word of the prompt.")
 
 

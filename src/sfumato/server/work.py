@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass
 
 from ..errors import UsageError
-from ..pipeline import DEFAULT_SCHEDULER, GenerationSettings
+from ..config import DEFAULT_STRENGTH, GenerationSettings
+from ..config import GenerationSettings as S
 from .jobs import Job, Stopped
 from .limits import Limits
 from ..images import png_bytes
@@ -35,18 +36,11 @@ class GenSpec(GenerationSettings):
     mask: object = None
     explain: bool = False
 
-    def kwargs(self) -> dict:
-        kw = dict(n=self.n, seed=self.seed, steps=self.steps, guidance=self.guidance, negative=self.negative,
-                  scheduler=self.scheduler, size=(self.width, self.height))
-        if self.init_image is not None:
-            kw.update(init_image=self.init_image, strength=self.strength, mask=self.mask)
-        return kw
 
-
-def prepare(models, limits: Limits, prompt: str, negative: str = "", seed: int = 0, steps: int = 20,
-            guidance: float = 4.0, scheduler: str = DEFAULT_SCHEDULER, width: int = 0, height: int = 0, n: int = 1,
-            init_image: str | None = None, mask: str | None = None, strength: float = 0.75,
-            explain: bool = False) -> GenSpec:
+def prepare(models, limits: Limits, prompt: str, negative: str = S.negative, seed: int = S.seed,
+            steps: int = S.steps, guidance: float = S.guidance, scheduler: str = S.scheduler, width: int = S.width,
+            height: int = S.height, n: int = 1, init_image: str | None = None, mask: str | None = None,
+            strength: float = DEFAULT_STRENGTH, explain: bool = False) -> GenSpec:
     """Check a request against the server's limits and the model (Pipeline.check), decode its images.
 
     Raises:
@@ -97,15 +91,9 @@ def generation(models, spec: GenSpec, limits: Limits):
             job.check()
 
         try:
-            if spec.explain:
-                from ..explain import generation_capture
-
-                with generation_capture(pipe, (spec.width, spec.height), spec.guidance) as store:
-                    images = pipe.generate(spec.prompt, callback=callback, **spec.kwargs())
-                if store.calls == 0:
-                    raise UsageError("explain has nothing to show: at this strength the model never runs")
-            else:
-                images = pipe.generate(spec.prompt, callback=callback, **spec.kwargs())
+            result = pipe.generate(spec, n=spec.n, init_image=spec.init_image, mask=spec.mask, callback=callback,
+                                   capture=spec.explain)
+            images, maps = result if spec.explain else (result, None)
         except Stopped:
             if "latents" in last:  # what the sampler had reached, as AUTOMATIC1111's interrupt returns
                 job.result = _partial(pipe, last["latents"], spec)
@@ -114,7 +102,7 @@ def generation(models, spec: GenSpec, limits: Limits):
         for i, img in enumerate(images):
             item = {"png": png_bytes(img), "parameters": img.info.get("parameters", ""), "seed": spec.seed + i}
             if spec.explain:
-                item["words"] = _word_overlays(pipe, spec.prompt, img, store.maps()[i])
+                item["words"] = _word_overlays(pipe, spec.prompt, img, maps[i])
             out.append(item)
         return out
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import re
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -202,7 +201,3 @@ def hard_negative_accuracy(clip, tokenizer, pixel_values, captions, seed: int = 
 def batch_negatives(captions: list[str], rng: random.Random) -> list[str]:
     """One hard negative per caption where an edit applies (others contribute none)."""
     return [e for c in captions if (e := hard_negative(c, rng))]
-
-
-def sample_indices(pool: np.ndarray, batch_size: int, g: torch.Generator) -> np.ndarray:
-    return pool[torch.randint(len(pool), (batch_size,), generator=g).numpy()]

@@ -106,6 +106,15 @@ def probe(args) -> None:
     path.write_text(json.dumps(known, indent=1))
 
 
+def _shape(arm: str, extra=None) -> tuple:
+    """What sets an arm's training speed: the UNet's architecture and the batch size."""
+    from sfumato.config import apply_overrides, get_preset
+
+    u = apply_overrides(get_preset("small"), ARMS[arm] + list(extra or [])).unet
+    return (tuple(u.channels), u.layers_per_block, tuple(u.attention_levels), u.head_dim, u.text_time_embedding,
+            u.batch_size)
+
+
 def run_arm(args) -> None:
     import numpy as np
     from safetensors.torch import load_file
@@ -151,10 +160,13 @@ def run_arm(args) -> None:
     params = sum(p.numel() for p in unet.parameters())
     log(f"{name}: {params / 1e6:.2f} M parameters, {args.minutes} min, {args.threads} thread(s), overrides {ARMS[args.arm] + list(args.set or [])}")
 
+    # Arms with the same UNet and batch share one figure: the mean of their probes.
     probes = {k: v for f in root.glob("probe-*.json") for k, v in json.loads(f.read_text()).items()}
-    probed = probes.get(f"{args.arm}/{args.threads}")
-    if probed is None:
+    same = [v for k, v in probes.items() if k.endswith(f"/{args.threads}") and k.split("/")[0] in ARMS
+            and _shape(k.split("/")[0]) == _shape(args.arm, args.set)]
+    if not same:
         raise SystemExit(f"no probe for {args.arm} with {args.threads} thread(s): run `probe --arms {args.arm}` first")
+    probed = round(sum(same) / len(same), 1)
     total = int(budget * probed / cfg.unet.batch_size)
     step, t0 = 0, time.perf_counter()
     unet.train()
@@ -169,6 +181,11 @@ def run_arm(args) -> None:
         opt.zero_grad(set_to_none=True)
         ema.step(unet.parameters())
         step += 1
+        if args.snapshots and step < total and step % max(1, total // args.snapshots) == 0:
+            minutes = round(args.minutes * step / total, 1)
+            snap = ema_copy(unet, ema).to(memory_format=torch.contiguous_format)
+            snap.save_pretrained(work / f"snapshots/{minutes:06.1f}min-ema")
+            del snap
         if step % 50 == 0:
             metrics.write(json.dumps({"step": step, "seconds": round(time.perf_counter() - t0, 1),
                                       "loss": float(loss), **{k: float(v) for k, v in logs.items()}}) + "\n")
@@ -186,10 +203,7 @@ def run_arm(args) -> None:
     for kind, model in weights.items():
         model.eval()
         model.to(memory_format=torch.contiguous_format)
-        folder = work / f"model-{kind}"
-        shutil.copytree(base, folder, ignore=shutil.ignore_patterns("unet", "scheduler", "sfumato.json"))
-        model.save_pretrained(folder / "unet")
-        sampler.save_pretrained(folder / "scheduler")
+        save_model(base, model, sampler, work / f"model-{kind}")
         with torch.no_grad():
             result[kind] = {**counterfactual_sensitivity(model, scheduler, vae, tok, te),
                             **band_metrics(model, SimpleNamespace(val_idx=val_idx), batches, "cpu")}
@@ -203,6 +217,77 @@ def run_arm(args) -> None:
         log(f"{name} {kind}: compositional {res['overall']:.3f} "
             + " ".join(f"{k} {v:.2f}" for k, v in res["per_category"].items()))
     (work / "result.json").write_text(json.dumps(result, indent=1))
+
+
+def save_model(base: Path, unet, sampler, folder: Path) -> Path:
+    """A complete diffusers folder: the base model's tokenizer, text tower and VAE with this UNet."""
+    shutil.copytree(base, folder, ignore=shutil.ignore_patterns("unet", "scheduler", "sfumato.json"))
+    unet.save_pretrained(folder / "unet")
+    sampler.save_pretrained(folder / "scheduler")
+    return folder
+
+
+def eval_snapshots(args) -> None:
+    """Compositional pass rates of each snapshot of an arm (for the curve against training minutes)."""
+    from sfumato.evaluate import evaluate_compositional
+    from sfumato.models import quiet_libraries
+    from sfumato.pipeline import load
+
+    torch.set_num_threads(args.threads)
+    quiet_libraries()
+    work = Path(args.out) / args.run
+    base = Path(json.loads((Path(args.out) / "cache.json").read_text())["base"])
+    sched_dir = next(work.glob("model-*/scheduler"), None) or base / "scheduler"
+    for snap in sorted((work / "snapshots").glob("*min-ema")):
+        res_path = snap / "result.json"
+        if res_path.exists():
+            continue
+        folder = work / "snapshot-model"
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(base, folder, ignore=shutil.ignore_patterns("unet", "scheduler", "sfumato.json"))
+        shutil.copytree(snap, folder / "unet", ignore=shutil.ignore_patterns("result.json"))
+        shutil.copytree(sched_dir, folder / "scheduler")
+        res = evaluate_compositional(load(folder), snap / "eval", per_category=args.per_category, progress=False)
+        res_path.write_text(json.dumps({"minutes": float(snap.name.split("min")[0]), **res}, indent=1))
+        log(f"{args.run} {snap.name}: compositional {res['overall']:.3f}")
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """Pass rate per category against training minutes, one panel per run (drawn with PIL)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    cats = ("single_object", "colors", "size", "background", "two_objects", "counting", "position",
+            "attribute_binding", "text", "overall")
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127), (188, 189, 34), (0, 0, 0)]
+    w, h, pad = 520, 300, 40
+    img = Image.new("RGB", (w * len(rows) + 200, h + 2 * pad), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for i, run in enumerate(rows):
+        x0, x1, y0, y1 = i * w + pad, (i + 1) * w - 10, pad, pad + h
+        d.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+        d.text((x0, 8), f"{run['name']}: pass rate vs training minutes", fill=(0, 0, 0), font=font)
+        pts = run["points"]  # [(minutes, {category: rate, "overall": rate})]
+        tmax = max(m for m, _ in pts) or 1
+        for frac in (0, 0.25, 0.5, 0.75, 1):
+            y = y1 - frac * h
+            d.line([x0, y, x0 + 4, y], fill=(0, 0, 0))
+            d.text((x0 - 28, y - 5), f"{frac:.2f}", fill=(0, 0, 0), font=font)
+        for m, _ in pts:
+            x = x0 + m / tmax * (x1 - x0)
+            d.text((x - 8, y1 + 4), f"{m:g}", fill=(0, 0, 0), font=font)
+        for c, colour in zip(cats, palette):
+            xy = [(x0 + m / tmax * (x1 - x0), y1 - r.get(c, 0) * h) for m, r in pts if c in r]
+            if len(xy) > 1:
+                d.line(xy, fill=colour, width=3 if c == "overall" else 1)
+            for x, y in xy:
+                d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    lx = w * len(rows) + 10
+    for j, (c, colour) in enumerate(zip(cats, palette)):
+        d.line([lx, pad + 14 * j + 6, lx + 20, pad + 14 * j + 6], fill=colour, width=3)
+        d.text((lx + 26, pad + 14 * j), c, fill=(0, 0, 0), font=font)
+    img.save(path)
 
 
 def report(args) -> None:
@@ -228,11 +313,25 @@ def report(args) -> None:
     print(text)
     if args.md:
         Path(args.md).write_text(text)
+    curves = []
+    for run in sorted(Path(args.out).glob("*/snapshots")):
+        pts = []
+        for f in sorted(run.glob("*/result.json")):
+            r = json.loads(f.read_text())
+            pts.append((r["minutes"], {**r["per_category"], "overall": r["overall"]}))
+        final = json.loads((run.parent / "result.json").read_text()) if (run.parent / "result.json").exists() else None
+        if final and "per_category" in final["ema"]:
+            pts.append((final["minutes"], {**final["ema"]["per_category"], "overall": final["ema"]["compositional"]}))
+        if len(pts) > 1:
+            curves.append({"name": run.parent.name, "points": pts})
+    if curves and args.plot:
+        plot_curves(curves, Path(args.plot))
+        print(f"wrote {args.plot}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("prepare", "probe", "arm", "report"))
+    p.add_argument("command", choices=("prepare", "probe", "arm", "snapshots", "report"))
     p.add_argument("arm", nargs="?", choices=tuple(ARMS))
     p.add_argument("--out", default="runs/study")
     p.add_argument("--base", default=str(Path(__file__).resolve().parents[1] / "src/sfumato/assets/default-model"))
@@ -245,11 +344,14 @@ def main() -> None:
     p.add_argument("--per-category", type=int, default=20)
     p.add_argument("--eval-raw", action="store_true", help="also sample the raw (non-EMA) weights")
     p.add_argument("--md", default="")
+    p.add_argument("--plot", default="", help="report: PNG of pass rate per category against training minutes")
+    p.add_argument("--snapshots", type=int, default=0, help="arm: save this many EMA snapshots along the way")
+    p.add_argument("--run", default="", help="snapshots: the arm folder whose snapshots to evaluate")
     p.add_argument("--arms", default=",".join(ARMS), help="probe: comma-separated arm names")
     args = p.parse_args()
     if args.command == "arm" and not args.arm:
         p.error("arm needs an arm name")
-    {"prepare": prepare, "probe": probe, "arm": run_arm, "report": report}[args.command](args)
+    {"prepare": prepare, "probe": probe, "arm": run_arm, "snapshots": eval_snapshots, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ _NUMBER = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r")\b")
 _DIGIT = re.compile(r"\bdigit (\d)\b")
 
 EDIT_KINDS = ("swap_colors", "swap_relation", "count", "digit", "color")
-_SHAPE = re.compile(r"\b(" + "|".join(spec.SHAPES) + r")\b")
+_SHAPE = re.compile(r"\b(" + "|".join([*spec.PLURALS.values(), *spec.SHAPES]) + r")\b")
 
 
 def edit_caption(caption: str, kind: str, rng: random.Random) -> str | None:
@@ -61,12 +61,13 @@ def edit_caption(caption: str, kind: str, rng: random.Random) -> str | None:
         other = rng.choice([d for d in "0123456789" if d != m.group(1)])
         return caption[: m.start(1)] + other + caption[m.end(1):]
     if kind == "shape":  # the last shape word changed to one the caption does not name
-        found = _SHAPE.findall(caption)
+        found = [spec.SINGULARS.get(w, w) for w in _SHAPE.findall(caption)]
         if not found:
             return None
         m = list(_SHAPE.finditer(caption))[-1]
         other = rng.choice([s for s in spec.SHAPES if s not in found])
-        return caption[: m.start()] + other + caption[m.end():]
+        plural = m.group(1) in spec.SINGULARS
+        return caption[: m.start()] + (spec.PLURALS[other] if plural else other) + caption[m.end():]
     if kind == "color":
         m = _COLOR.search(caption)
         if not m:

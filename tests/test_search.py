@@ -13,7 +13,8 @@ from PIL import Image
 from sfumato.cli import main
 from sfumato.embedding import Embedder
 from sfumato.index import open_index
-from sfumato.search import (COMPOSITE_DEFAULT, TEMPLATES, classify, compose, fill_template, image_query,
+from sfumato.errors import UsageError
+from sfumato.search import (COMPOSITE_DEFAULT, TEMPLATES, Query, classify, compose, fill_template, image_query,
                             image_text_query, label_embeddings)
 from searchkit import make_images, make_tiny_model
 
@@ -248,6 +249,36 @@ def test_composite_query(kit, ix, capsys):
     assert main(["search", str(ix), "--image", str(img), "--text", "blue", "--alpha", "0", "-k", "1",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["path"] == str(img.resolve())  # alpha 0: the image itself
+
+
+@pytest.mark.parametrize("fields, cli, api", [
+    ({}, "give --text, --image", "give text, image"),
+    ({"embedding": [1.0], "text": "x"}, "--embedding cannot be combined", "embedding cannot be combined"),
+    ({"embedding": [1.0], "image": "q.png"}, "--embedding cannot be combined", "embedding cannot be combined"),
+    ({"text": "  "}, "--text is empty; say what to look for", "text is empty; say what to look for"),
+    ({"text": " ", "image": "q.png"}, "--text is empty; say what to change", "text is empty; say what to change"),
+    ({"text": "x", "alpha": 2.0}, "--alpha and --method apply to --image with --text", "alpha and method apply"),
+    ({"image": "q.png", "method": "sum"}, "--alpha and --method apply", "alpha and method apply"),
+    ({"image": "q.png", "text": "x", "method": "mix"}, "unknown composite method 'mix'", "unknown composite"),
+])
+def test_query_rules(fields, cli, api):
+    for flag, needle in (("--", cli), ("", api)):
+        with pytest.raises(UsageError, match=needle):
+            Query(**fields).validate(flag)
+
+
+def test_query_vectors(kit, tmp_path):
+    emb = kit["embedder"]
+    img = sorted(kit["images"].glob("*.png"))[2]
+    assert np.array_equal(Query(text="a red circle").validate().vector(emb), emb.embed_texts(["a red circle"])[0])
+    assert np.array_equal(Query(image=img).validate().vector(emb), image_query(emb, img))
+    assert np.array_equal(Query(image=img, text="blue", alpha=0.5, method="sum").validate().vector(emb),
+                          image_text_query(emb, img, "blue", 0.5, "sum"))
+    vec = emb.embed_texts(["x"])[0]
+    np.save(tmp_path / "q.npy", vec)
+    assert np.array_equal(Query(embedding=tmp_path / "q.npy").vector(None, emb.dim), vec)
+    assert np.array_equal(Query(embedding=vec.tolist()).vector(None), vec)
+    assert Query(text="x").vector(emb, embed_text=lambda t: t.upper()) == "X"  # e.g. the server's text batcher
 
 
 # ---------------------------------------------------------------- zero-shot

@@ -3,7 +3,7 @@ classify images zero-shot against labels with a prompt-template ensemble.
 
     emb = Embedder.load("models/mine")
     build_index("data/shapes", "shapes.index", emb)
-    hits = search(open_index("shapes.index"), image_text_query(emb, "q.png", "blue"), k=10)
+    hits = search(open_index("shapes.index"), Query(image="q.png", text="blue").validate().vector(emb), k=10)
     probs = classify(emb, [img], ["red circle", "blue square"])
 
 Image + words ("blue", "in blue", "with a triangle") move the image's embedding along the words'
@@ -189,6 +189,75 @@ def _progress(total: int, what: str):
 
 
 # ---------------------------------------------------------------- queries
+
+
+@dataclass
+class Query:
+    """What to search by: words, an image, an image changed by words, or an embedding.
+
+    The one set of rules for the CLI (`sfumato search`), the native API (/v1/search) and the
+    clip-retrieval endpoint (/knn-service): `validate` says what is wrong in one line, `vector`
+    embeds the query.
+
+    Args:
+        text: words to search by; with `image`, what to change in the image.
+        image: a file path or an opened PIL image.
+        embedding: a query vector, or a .npy/.safetensors file holding one.
+        alpha, method: with image and text, how the words move the image (see COMPOSITE_DEFAULT).
+    """
+
+    text: str | None = None
+    image: object = None
+    embedding: object = None
+    alpha: float | None = None
+    method: str | None = None
+
+    def validate(self, flag: str = "--") -> "Query":
+        """Check which inputs go together; `flag` prefixes the names in messages ("--" for the CLI,
+        "" for the API). Returns self.
+
+        Raises:
+            UsageError: a bad combination, empty words or an unknown composite method.
+        """
+        f = flag
+        if self.embedding is not None and (self.text is not None or self.image is not None):
+            raise UsageError(f"{f}embedding cannot be combined with {f}text or {f}image")
+        if self.embedding is None and self.text is None and self.image is None:
+            raise UsageError(f"give {f}text, {f}image, {f}image with {f}text, or {f}embedding")
+        if self.text is not None and not self.text.strip():
+            what = "say what to change in the image" if self.image is not None else "say what to look for"
+            raise UsageError(f"{f}text is empty; {what}")
+        if (self.alpha is not None or self.method is not None) and not (self.image is not None
+                                                                         and self.text is not None):
+            raise UsageError(f"{f}alpha and {f}method apply to {f}image with {f}text")
+        if self.method is not None and self.method not in COMPOSITE_METHODS:
+            raise UsageError(f"unknown composite method {self.method!r}; choose from {', '.join(COMPOSITE_METHODS)}")
+        return self
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether the query is embedded by a model (everything but a given embedding)."""
+        return self.embedding is None
+
+    def vector(self, embedder: Embedder | None, dim: int | None = None, embed_text=None) -> np.ndarray:
+        """The query as one vector.
+
+        Args:
+            embedder: the model that embeds text and images (unused for an embedding).
+            dim: the index's dimension, checked for an embedding read from a file.
+            embed_text: text -> unit vector for words alone (default: `embedder`, one text at a time).
+        """
+        if self.embedding is not None:
+            if isinstance(self.embedding, (str, os.PathLike)):
+                return read_embedding(self.embedding, dim)
+            return np.asarray(self.embedding, np.float32)
+        if self.image is not None and self.text is not None:
+            return image_text_query(embedder, self.image, self.text, self.alpha, self.method)
+        if self.image is not None:
+            return image_query(embedder, self.image)
+        if embed_text is not None:
+            return embed_text(self.text)
+        return text_query(embedder, self.text)
 
 
 def text_query(embedder: Embedder, text: str) -> np.ndarray:

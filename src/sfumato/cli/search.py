@@ -117,24 +117,14 @@ def search_cmd(
 ) -> None:
     """Find the images nearest to a text, an image, an image changed by words, or an embedding."""
     from ..index import open_index
-    from ..search import check_k, read_embedding, search
+    from ..search import Query, check_k, search
 
     check_k(k)
-    if embedding is not None and (text is not None or image is not None):
-        raise UsageError("--embedding cannot be combined with --text or --image")
-    if embedding is None and text is None and image is None:
-        raise UsageError("give --text, --image, --image with --text, or --embedding")
-    if text is not None and not text.strip():
-        raise UsageError("--text is empty; say what to look for")
-    if (alpha is not None or method is not None) and not (image is not None and text is not None):
-        raise UsageError("--alpha and --method apply to --image with --text")
+    q = Query(text, image, embedding, alpha, method).validate()
     if grid is not None and grid.suffix.lower() != ".png":
         raise UsageError(f"--grid must name a .png file, got {grid}")
     snap = open_index(index)
-    if embedding is not None:
-        query = read_embedding(embedding, snap.dim)
-    else:
-        query = _model_query(snap, index, model, text, image, alpha, method)
+    query = q.vector(_embedder(snap, index, model) if q.needs_model else None, snap.dim)
     hits = search(snap, query, k)
     if grid is not None:
         from ..search import hits_grid
@@ -150,17 +140,14 @@ def search_cmd(
         console.print(f"grid: {grid}", highlight=False, markup=False)
 
 
-def _model_query(snap, index, model, text, image, alpha, method):
+def _embedder(snap, index, model):
+    """The index's model (or --model, checked against the index)."""
     from ..embedding import Embedder
-    from ..search import check_model, image_query, image_text_query, index_model, text_query
+    from ..search import check_model, index_model
 
     emb = Embedder.load(model or index_model(index))
     check_model(snap.manifest, emb, Path(index))
-    if image is not None and text is not None:
-        return image_text_query(emb, image, text, alpha, method)
-    if image is not None:
-        return image_query(emb, image)
-    return text_query(emb, text)
+    return emb
 
 
 @app.command("classify")

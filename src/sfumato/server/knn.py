@@ -18,7 +18,7 @@ from ..errors import UsageError
 from .deps import Server, get_models, get_server
 from .media import b64, decode_b64_image
 from .models import Models
-from .native import find_index, read_indexed
+from .native import embed_query, find_index, read_indexed
 from .work import check_range, check_text
 
 router = APIRouter(tags=["clip-retrieval"])
@@ -56,21 +56,21 @@ def indices_list(models: Models = Depends(get_models)):
 
 
 def _query(req: KnnRequest, server: Server, models: Models) -> np.ndarray:
-    """clip-retrieval's order: text, else image, else embedding_input."""
-    from ..search import image_query
+    """clip-retrieval's order: text, else image, else embedding_input (the first given wins)."""
+    from ..search import Query
 
     if req.text:
         check_text("text", req.text, server.limits)
-        return models.text_vector(req.text)
-    if req.image:
-        img = decode_b64_image(req.image, server.limits.max_pixels)
-        with models.embed_lock:
-            return image_query(models.embedder, img)
-    if req.image_url:
+        q = Query(text=req.text)
+    elif req.image:
+        q = Query(image=decode_b64_image(req.image, server.limits.max_pixels))
+    elif req.image_url:
         raise UsageError("image_url is not supported: this server fetches nothing; send the image as base64 in image")
-    if req.embedding_input:
-        return np.asarray(req.embedding_input, np.float32)
-    raise UsageError("give text, image or embedding_input")
+    elif req.embedding_input:
+        q = Query(embedding=req.embedding_input)
+    else:
+        raise UsageError("give text, image or embedding_input")
+    return embed_query(q.validate(flag=""), models)
 
 
 @router.post("/knn-service")

@@ -222,42 +222,30 @@ def read_indexed(path: str) -> bytes:
 @router.post("/search")
 def search(req: SearchRequest, server: Server = Depends(get_server), models: Models = Depends(get_models)):
     """Nearest indexed images to words, an image, an image plus words, or an embedding."""
-    from ..search import check_model, compose, COMPOSITE_DEFAULT, image_query, search as knn
+    from ..search import Query, check_model, search as knn
 
     limits = server.limits
     index = find_index(models, req.index)
     check_range("k", req.k, 1, limits.max_k)
-    if req.embedding is not None and (req.text is not None or req.image is not None):
-        raise UsageError("embedding cannot be combined with text or image")
-    if req.embedding is None and req.text is None and req.image is None:
-        raise UsageError("give text, image, image with text, or embedding")
-    if (req.alpha is not None or req.method is not None) and not (req.image and req.text):
-        raise UsageError("alpha and method apply to image with text")
+    q = Query(req.text, req.image, req.embedding, req.alpha, req.method).validate(flag="")
     snap = index.snapshot
-    if req.embedding is not None:
-        import numpy as np
-
-        query = np.asarray(req.embedding, np.float32)
-    elif req.image is None:
+    if q.needs_model:
         check_text("text", req.text or "", limits)
+        if req.image is not None:
+            q.image = decode_b64_image(req.image, limits.max_pixels)
         check_model(snap.manifest, models.embedder, index.path)
-        query = models.text_vector(req.text)
-    else:
-        check_text("text", req.text or "", limits)
-        image = decode_b64_image(req.image, limits.max_pixels)
-        check_model(snap.manifest, models.embedder, index.path)
-        with models.embed_lock:
-            if image is not None and req.text is not None:
-                if not req.text.strip():
-                    raise UsageError("text is empty; say what to change in the image")
-                t = models.embedder.embed_texts([req.text.strip(), ""])
-                alpha = COMPOSITE_DEFAULT["alpha"] if req.alpha is None else req.alpha
-                query = compose(image_query(models.embedder, image), t[0], t[1], alpha,
-                                req.method or COMPOSITE_DEFAULT["method"])
-            else:
-                query = image_query(models.embedder, image)
+    query = embed_query(q, models)
     hits = knn(snap, query, req.k)
     return {"index": index.name, "hits": [hit_json(h, index, req.images) for h in hits]}
+
+
+def embed_query(q, models: Models):
+    """A checked search.Query as a vector: words alone share batched passes of the text tower
+    (Models.text_vector); image queries take the tower's lock."""
+    if q.image is None:
+        return q.vector(models.embedder, embed_text=models.text_vector)
+    with models.embed_lock:
+        return q.vector(models.embedder)
 
 
 @router.get("/index/{name}/images/{item_id}", response_class=Response,

@@ -188,7 +188,7 @@ def run_arm(args) -> None:
             del snap
         if step % 50 == 0:
             metrics.write(json.dumps({"step": step, "seconds": round(time.perf_counter() - t0, 1),
-                                      "loss": float(loss), **{k: float(v) for k, v in logs.items()}}) + "\n")
+                                      "loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}}) + "\n")
             metrics.flush()
     train_s = time.perf_counter() - t0
     samples_s = step * cfg.unet.batch_size / train_s

@@ -82,3 +82,20 @@ def test_counterfactual_sensitivity_of_the_shipped_model():
                                      timesteps=(700,))
     assert set(out) == {f"cf_{k}_t700" for k in COUNTERFACTUAL_EDITS}
     assert out["cf_color_t700"] > 0.05
+
+
+def test_unet_init_grows_the_text_time_embedding_without_changing_the_output(tmp_path):
+    from sfumato.stages import load_unet_weights
+
+    torch.manual_seed(0)
+    plain = build_unet(get_preset("tiny"), 8, 32).eval()
+    plain.save_pretrained(tmp_path / "unet")
+    grown = build_unet(apply_overrides(get_preset("tiny"), ["unet.text_time_embedding=True"]), 8, 32).eval()
+    load_unet_weights(grown, tmp_path / "unet")
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([100, 900]), torch.randn(2, 24, 32)
+    assert torch.allclose(plain(x, t, encoder_hidden_states=ctx).sample, grown(x, t, encoder_hidden_states=ctx).sample,
+                          atol=1e-6)
+    # ... but not the reverse, and not another width
+    with pytest.raises(UsageError, match="another architecture"):
+        grown.save_pretrained(tmp_path / "grown")
+        load_unet_weights(build_unet(get_preset("tiny"), 8, 32), tmp_path / "grown")

@@ -100,8 +100,16 @@ def run_vae(run) -> dict:
     return metrics
 
 
+# Parts a run may add to a saved UNet it starts from: the prompt in the time embedding.
+GROWABLE = ("add_embedding.",)
+
+
 def load_unet_weights(unet, folder) -> None:
-    """Start from the weights of a saved UNet of the same architecture (unet.init)."""
+    """Start from the weights of a saved UNet of the same architecture (unet.init).
+
+    A UNet without the prompt-in-time-embedding path may seed one with it: the new path starts with
+    a zero output (its last LayerNorm zeroed), so the grown UNet computes exactly what the saved one did.
+    """
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -111,11 +119,15 @@ def load_unet_weights(unet, folder) -> None:
         raise UsageError(f"unet.init: {path} does not exist (give a diffusers unet/ folder with safetensors weights)")
     weights = load_file(str(path))
     own = unet.state_dict()
-    wrong = [k for k in own if k not in weights or weights[k].shape != own[k].shape]
-    if wrong or len(weights) != len(own):
+    new = [k for k in own if k not in weights and k.startswith(GROWABLE)]
+    wrong = [k for k in own if k not in new and (k not in weights or weights[k].shape != own[k].shape)]
+    if wrong or len(weights) != len(own) - len(new):
         raise UsageError(f"unet.init: {folder} has another architecture than unet.* of this run "
                          f"(first difference: {(wrong or sorted(set(weights) - set(own)))[0]})")
-    unet.load_state_dict(weights)
+    unet.load_state_dict(weights, strict=not new)
+    if new:
+        torch.nn.init.zeros_(unet.add_embedding.norm2.weight)
+        torch.nn.init.zeros_(unet.add_embedding.norm2.bias)
 
 
 def run_unet(run) -> dict:

@@ -21,7 +21,8 @@ import numpy as np
 import sfumato
 from sfumato.embedding import Embedder
 from sfumato.evaluate import sample_prompt
-from sfumato.explain import attention_rows, ground, mask_iou, pointing_hit, zero_shot_rows
+from sfumato.evaluate import mask_iou, pointing_hit
+from sfumato.explain import attention_rows, ground, zero_shot_rows
 from sfumato.shapesworld.checker import judge
 from sfumato.shapesworld.render import make_scene, render
 

@@ -23,7 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from sfumato.index import IndexWriter, KINDS, disk_size, make_vector_index, recall_at_k, unit  # noqa: E402
+from sfumato.evaluate import recall_at_k  # noqa: E402
+from sfumato.index import IndexWriter, KINDS, disk_size, make_vector_index, unit  # noqa: E402
 
 
 def vectors(n: int, d: int, kind: str, seed: int = 0) -> np.ndarray:

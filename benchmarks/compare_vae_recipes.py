@@ -15,7 +15,8 @@ import torch
 from sfumato.config import apply_overrides, get_preset
 from sfumato.data import load_pairs_data, to_model_range
 from sfumato.models import build_vae
-from sfumato.vae import VaeTrainer, checker_pass_rate, psnr, reconstruct
+from sfumato.evaluate import psnr
+from sfumato.vae import VaeTrainer, checker_pass_rate, reconstruct
 
 VARIANTS = {
     "base": [],  # the small preset as it stands

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from sfumato import evaluate
 from sfumato.cli import main
 from sfumato.evaluate import evaluate_compositional, evaluation_prompts, summarize
 from sfumato.shapesworld import Obj, Scene, render, spec
@@ -176,3 +179,45 @@ def test_wrong_attribute_generator_fails_colors(tmp_path):
     assert r["per_category"]["colors"] == 0.0 and r["per_category"]["attribute_binding"] == 0.0
     assert r["per_category"]["single_object"] == 1.0  # colour unnamed there
     assert r["overall"] == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_pointing_hit():
+    m = np.zeros((64, 64))
+    m[20, 10] = 1  # peak at x=10, y=20
+    assert evaluate.pointing_hit(m, (8, 18, 12, 22))
+    assert evaluate.pointing_hit(m, (10, 20, 11, 21))  # the pixel's centre (10.5, 20.5) is inside
+    assert not evaluate.pointing_hit(m, (0, 0, 5, 5))
+    assert not evaluate.pointing_hit(m, (8, 18, 10, 22))  # x1 is exclusive
+    assert not evaluate.pointing_hit(m, (20, 10, 24, 14))  # x and y swapped
+    big = np.zeros((128, 128))
+    big[40, 20] = 1
+    assert evaluate.pointing_hit(big, (8, 18, 12, 22), scale=2.0)
+    assert not evaluate.pointing_hit(big, (8, 18, 12, 22))
+
+
+def test_mask_iou():
+    m = np.zeros((8, 8))
+    m[2:6, 2:6] = 0.9
+    assert evaluate.mask_iou(m, (2, 2, 6, 6)) == pytest.approx(1.0)
+    assert evaluate.mask_iou(m, (4, 2, 8, 6)) == pytest.approx(8 / 24)  # [x0, y0, x1, y1)
+    assert evaluate.mask_iou(m, (6, 6, 8, 8)) == pytest.approx(0.0)
+    assert evaluate.mask_iou(m, (2, 2, 6, 6), threshold=0.95) == pytest.approx(0.0)
+    assert evaluate.mask_iou(m, (1, 1, 3, 3), scale=2.0) == pytest.approx(1.0)
+    assert evaluate.mask_iou(np.zeros((8, 8)), (0, 0, 0, 0)) == 0.0  # nothing on either side
+    band = np.zeros((8, 8))
+    band[2:4, :] = 1  # rows y=2..3, every x
+    assert evaluate.mask_iou(band, (0, 2, 8, 4)) == pytest.approx(1.0)  # boxes are [x0, y0, x1, y1)
+    assert evaluate.mask_iou(band, (2, 0, 4, 8)) == pytest.approx(4 / 28)
+
+
+def test_psnr():
+    import torch
+
+    a = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    assert evaluate.psnr(a, a) == pytest.approx(10 * math.log10(255.0 ** 2 / 1e-10))  # MSE floored
+    b = a + 10
+    assert evaluate.psnr(a, b) == pytest.approx(10 * math.log10(255.0 ** 2 / 100))
+    assert evaluate.psnr(a, torch.full_like(a, 255)) == pytest.approx(0.0)

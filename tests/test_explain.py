@@ -357,38 +357,6 @@ def test_grounding_save(pipe, rel_scene, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["where"]
 
 
-# ---------------------------------------------------------------- pointing game
-
-
-def test_pointing_hit():
-    m = np.zeros((64, 64))
-    m[20, 10] = 1  # peak at x=10, y=20
-    assert explain.pointing_hit(m, (8, 18, 12, 22))
-    assert explain.pointing_hit(m, (10, 20, 11, 21))  # the pixel's centre (10.5, 20.5) is inside
-    assert not explain.pointing_hit(m, (0, 0, 5, 5))
-    assert not explain.pointing_hit(m, (8, 18, 10, 22))  # x1 is exclusive
-    assert not explain.pointing_hit(m, (20, 10, 24, 14))  # x and y swapped
-    big = np.zeros((128, 128))
-    big[40, 20] = 1
-    assert explain.pointing_hit(big, (8, 18, 12, 22), scale=2.0)
-    assert not explain.pointing_hit(big, (8, 18, 12, 22))
-
-
-def test_mask_iou():
-    m = np.zeros((8, 8))
-    m[2:6, 2:6] = 0.9
-    assert explain.mask_iou(m, (2, 2, 6, 6)) == pytest.approx(1.0)
-    assert explain.mask_iou(m, (4, 2, 8, 6)) == pytest.approx(8 / 24)  # [x0, y0, x1, y1)
-    assert explain.mask_iou(m, (6, 6, 8, 8)) == pytest.approx(0.0)
-    assert explain.mask_iou(m, (2, 2, 6, 6), threshold=0.95) == pytest.approx(0.0)
-    assert explain.mask_iou(m, (1, 1, 3, 3), scale=2.0) == pytest.approx(1.0)
-    assert explain.mask_iou(np.zeros((8, 8)), (0, 0, 0, 0)) == 0.0  # nothing on either side
-    band = np.zeros((8, 8))
-    band[2:4, :] = 1  # rows y=2..3, every x
-    assert explain.mask_iou(band, (0, 2, 8, 4)) == pytest.approx(1.0)  # boxes are [x0, y0, x1, y1)
-    assert explain.mask_iou(band, (2, 0, 4, 8)) == pytest.approx(4 / 28)
-
-
 # ---------------------------------------------------------------- audit (library)
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from sfumato.errors import SfumatoError, UsageError
-from sfumato.index import (ExactIndex, FaissIndex, IndexWriter, default_kind, open_index, recall_at_k,
-                           unit)
+from sfumato.evaluate import recall_at_k
+from sfumato.index import ExactIndex, FaissIndex, IndexWriter, default_kind, open_index, unit
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

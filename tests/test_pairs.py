@@ -329,3 +329,18 @@ def test_default_pixel_cap_admits_normal_images(tmp_path):
     assert pairs.DEFAULT_MAX_PIXELS == 4096 * 4096
     make_pair(tmp_path, "wide.png", size=(4096, 1))
     assert [p.size for p in read_pairs(tmp_path).pairs] == [(4096, 1)]
+
+
+def test_list_images_captions_optional(tmp_path):
+    make_image(tmp_path / "d" / "a.png")
+    (tmp_path / "d" / "a.txt").write_text("\ufeffa red circle\n", encoding="utf-8")
+    make_image(tmp_path / "d" / "sub" / "b.png")  # no caption: listed all the same
+    (tmp_path / "d" / "orphan.txt").write_text("no image")
+    make_image(tmp_path / "one.png")
+    (tmp_path / "one.txt").write_bytes(b"\xff\xfe")  # unreadable caption: the image without one
+    (tmp_path / "notes.md").write_text("x")
+    items, problems = pairs.list_images([tmp_path / "d", tmp_path / "one.png", tmp_path / "notes.md"])
+    assert [(it.path.name, it.caption) for it in items] == [("a.png", "a red circle"), ("b.png", None),
+                                                            ("one.png", None)]
+    assert [p.kind for p in problems] == ["unsupported"]
+    assert list(pairs.iter_batches(list(range(5)), 2)) == [[0, 1], [2, 3], [4]]

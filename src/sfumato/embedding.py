@@ -1,4 +1,4 @@
-"""Embed images and texts with the CLIP of a model folder, and list the images of a source.
+"""Embed images and texts with the CLIP of a model folder.
 
     emb = Embedder.load("models/mine")          # MODEL/clip: CLIPModel + CLIPTokenizer
     emb.embed_images([img]), emb.embed_texts(["a red circle"])   # (N, D) unit float32
@@ -9,16 +9,13 @@ A model's fingerprint is the sha256 of clip/model.safetensors; an index records 
 
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from .errors import SfumatoError, UsageError
-from .pairs import DEFAULT_MAX_PIXELS, IMAGE_EXTS, MANIFEST_EXTS, Problem
+from .files import file_sha256
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
@@ -38,11 +35,7 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
 
 def model_fingerprint(folder: str | os.PathLike) -> str:
     """sha256 of clip/model.safetensors."""
-    h = hashlib.sha256()
-    with open(Path(folder) / "clip" / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(Path(folder) / "clip" / "model.safetensors")
 
 
 class Embedder:
@@ -101,59 +94,3 @@ class Embedder:
             return np.zeros((0, self.dim), np.float32)
         ids, _ = encode(self.tokenizer, list(texts))
         return embed_texts(self.clip, ids.to(self.clip.device)).cpu().numpy()
-
-
-# ---------------------------------------------------------------- sources
-
-
-@dataclass(frozen=True)
-class ImageItem:
-    """One image to index; caption None when the source has none for it."""
-
-    path: Path
-    caption: str | None = None
-
-
-def list_images(sources: list[str | os.PathLike]) -> tuple[list[ImageItem], list[Problem]]:
-    """Images of each source, in order: an image file, a folder (captions from .txt beside the
-    images if present) or a .jsonl/.csv manifest. Problems of the listing are returned, not raised.
-    """
-    from .pairs import DUPLICATE_IMAGE, IMAGE_WITHOUT_CAPTION, read_pairs
-
-    items: list[ImageItem] = []
-    problems: list[Problem] = []
-    for source in sources:
-        path = Path(source)
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTS:
-            txt = path.with_suffix(".txt")
-            items.append(ImageItem(path, _caption(txt) if txt.is_file() else None))
-            continue
-        if path.is_file() and path.suffix.lower() not in MANIFEST_EXTS:
-            problems.append(Problem(path, f"unsupported file type '{path.suffix}' (expected an image "
-                                    f"{', '.join(IMAGE_EXTS)}, a folder or a .jsonl/.csv manifest)", "unsupported"))
-            continue
-        report = read_pairs(path, verify_images=False, max_pixels=DEFAULT_MAX_PIXELS)  # UsageError if missing
-        found = [ImageItem(p.path, p.caption) for p in report.pairs]
-        for pr in report.problems:
-            if pr.kind in (IMAGE_WITHOUT_CAPTION, DUPLICATE_IMAGE):  # captions are optional here
-                found.append(ImageItem(pr.path, None))
-            elif pr.kind != "caption without image":
-                problems.append(pr)
-        items += sorted(found, key=lambda it: it.path.parts) if not _is_manifest(path) else found
-    return items, problems
-
-
-def _is_manifest(path: Path) -> bool:
-    return path.is_file() or (path / "manifest.jsonl").is_file()
-
-
-def _caption(txt: Path) -> str | None:
-    try:
-        return txt.read_text(encoding="utf-8-sig").strip() or None
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def iter_batches(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]

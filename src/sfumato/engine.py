@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file
 
 from .files import atomic_write_text
+from .progress import start_progress
 
 
 class MetricsLog:
@@ -170,7 +171,8 @@ class Engine:
         if s.ema is not None:
             s.ema.to(a.device)
         last: dict = {}
-        bar = _progress(s.name, start, s.steps) if self.progress else None
+        bar = start_progress(s.steps, s.name, "loss", transient=False, completed=start, loss=float("nan"),
+                             rate=0.0) if self.progress else None
         t0, seen = time.perf_counter(), 0
         try:
             for step in range(start, s.steps):
@@ -220,14 +222,3 @@ class Engine:
 def hash_str(s: str) -> int:
     """A stable 56-bit hash (Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=7).digest(), "little")
-
-
-def _progress(name: str, start: int, total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    p = Progress(TextColumn(f"[bold]{name:<9}"), BarColumn(), MofNCompleteColumn(),
-                 TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.0f} samples/s"),
-                 TimeRemainingColumn(), transient=False)
-    task = p.add_task(name, total=total, completed=start, loss=float("nan"), rate=0.0)
-    p.start()
-    return p, task

@@ -1,4 +1,5 @@
-"""Compositional evaluation (GenEval-style) of a generator with the ShapesWorld scene checker.
+"""Compositional evaluation (GenEval-style) of a generator with the ShapesWorld scene checker, and the
+pure metric functions (pointing game, mask IoU, PSNR, recall@k).
 
     sfumato eval compositional --per-category 50 --out eval/
 
@@ -10,12 +11,16 @@ grid per category.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .config import GenerationSettings
+from .progress import start_progress
 from .shapesworld import spec
 
 
@@ -83,13 +88,7 @@ def evaluate_compositional(pipe, out: Path, per_category: int = 50, seed: int = 
     verdicts: list[dict] = []
     images: dict[str, list[tuple[Image.Image, str, bool]]] = {}
     t0 = time.perf_counter()
-    bar = None
-    if progress:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        task = bar.add_task("generating and judging", total=len(prompts))
-        bar.start()
+    bar, task = start_progress(len(prompts), "generating and judging") if progress else (None, None)
     try:
         for k, (category, prompt) in enumerate(prompts):
             img = pipe.generate(GenerationSettings(prompt, seed=seed + k, steps=steps, guidance=guidance,
@@ -121,6 +120,38 @@ def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- metrics (pure functions)
+
+
+def pointing_hit(m: np.ndarray, box: tuple[float, float, float, float], scale: float = 1.0) -> bool:
+    """Pointing game: does the map's peak lie inside the box ([x0, y0, x1, y1) in 64-px units, times `scale`)?"""
+    y, x = np.unravel_index(m.argmax(), m.shape)
+    x0, y0, x1, y1 = (v * scale for v in box)
+    return x0 <= x + 0.5 < x1 and y0 <= y + 0.5 < y1
+
+
+def mask_iou(m: np.ndarray, box, scale: float = 1.0, threshold: float = 0.5) -> float:
+    """IoU of the map thresholded at `threshold` with the object's box."""
+    x0, y0, x1, y1 = (int(round(v * scale)) for v in box)
+    b = np.zeros(m.shape, bool)
+    b[y0:y1, x0:x1] = True
+    a = m >= threshold
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 0.0
+
+
+def psnr(a_u8, b_u8) -> float:
+    """Peak signal-to-noise ratio in dB of two uint8 image tensors (MSE floored at 1e-10)."""
+    mse = (a_u8.float() - b_u8.float()).pow(2).mean().item()
+    return 10 * math.log10(255.0 ** 2 / max(mse, 1e-10))
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean over queries of |found[:k] & truth[:k]| / k (ids; -1 pads never match)."""
+    hits = [len(set(f[:k].tolist()) & set(t[:k].tolist()) - {-1}) for f, t in zip(found, truth)]
+    return float(np.mean(hits) / k) if len(hits) else 0.0
 
 
 # Which caption edit probes which skill, and the scenes it is measured on.

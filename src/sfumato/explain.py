@@ -213,26 +213,6 @@ def zero_shot(embedder, image: Image.Image, phrases: list[str]) -> np.ndarray:
     return classify(embedder, [image], phrases)[0]
 
 
-# ---------------------------------------------------------------- pointing game
-
-
-def pointing_hit(m: np.ndarray, box: tuple[float, float, float, float], scale: float = 1.0) -> bool:
-    """Does the map's peak lie inside the box ([x0, y0, x1, y1) in 64-px units, times `scale`)?"""
-    y, x = np.unravel_index(m.argmax(), m.shape)
-    x0, y0, x1, y1 = (v * scale for v in box)
-    return x0 <= x + 0.5 < x1 and y0 <= y + 0.5 < y1
-
-
-def mask_iou(m: np.ndarray, box, scale: float = 1.0, threshold: float = 0.5) -> float:
-    """IoU of the map thresholded at `threshold` with the object's box."""
-    x0, y0, x1, y1 = (int(round(v * scale)) for v in box)
-    b = np.zeros(m.shape, bool)
-    b[y0:y1, x0:x1] = True
-    a = m >= threshold
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 0.0
-
-
 # ---------------------------------------------------------------- adherence audit
 
 

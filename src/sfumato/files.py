@@ -1,7 +1,9 @@
-"""Writes that are either complete or absent: fsynced temporary files and atomic renames."""
+"""Files: writes that are either complete or absent (fsynced temporary files and atomic renames), and
+content hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -39,3 +41,17 @@ def publish_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def sha256_bytes(data: bytes) -> str:
+    """The hex sha256 of bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's content, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -15,6 +15,7 @@ from .config import DEFAULT_STRENGTH, GenerationSettings
 from .errors import UsageError
 from .files import atomic_write_text
 from .images import save_png
+from .progress import start_progress
 
 MAX_PROMPTS = 10_000
 
@@ -81,7 +82,7 @@ def run(pipe, prompts: list[str], settings: GenerationSettings, out: Path, n: in
         pipe.check(replace(s, strength=s.strength if init_image is not None else None), n)
     plan.folder.mkdir(parents=True, exist_ok=True)
     written, rows, images = [], [], []
-    bar = _bar(len(prompts) * n) if progress else None
+    bar = start_progress(len(prompts) * n, "generating", "count") if progress else None
     try:
         for j, s in enumerate(runs):
             result = pipe.generate(s, n=n, init_image=init_image, mask=mask, capture=explain)
@@ -123,12 +124,3 @@ def _row_settings(s: GenerationSettings, img2img: bool) -> dict:
     if img2img:
         row["strength"] = DEFAULT_STRENGTH if s.strength is None else s.strength
     return row
-
-
-def _bar(total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    p = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
-    task = p.add_task("gen", total=total)
-    p.start()
-    return p, task

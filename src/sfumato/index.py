@@ -22,7 +22,6 @@ the manifest before using it.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import json
 import math
@@ -37,6 +36,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import SfumatoError, UsageError
+from .files import sha256_bytes as _sha256
 
 FORMAT = "sfumato-index"
 FORMAT_VERSION = 1
@@ -275,12 +275,6 @@ def load_vector_index(data: bytes, kind: str, dim: int, params: dict | None = No
     if kind == "flat":
         return ExactIndex.from_bytes(data, dim)
     return FaissIndex.from_bytes(data, dim, kind, params)
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Mean over queries of |found[:k] & truth[:k]| / k (ids; -1 pads never match)."""
-    hits = [len(set(f[:k].tolist()) & set(t[:k].tolist()) - {-1}) for f, t in zip(found, truth)]
-    return float(np.mean(hits) / k) if len(hits) else 0.0
 
 
 def _pq_subquantizers(dim: int) -> int:
@@ -618,24 +612,12 @@ def _write_durably(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data)
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _canonical(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def disk_size(path: str | os.PathLike) -> int:

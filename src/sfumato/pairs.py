@@ -9,7 +9,8 @@ Two source kinds are understood:
   folder. A folder with ``manifest.jsonl`` at its top (a ShapesWorld folder) is read this way.
 
 Bad entries are skipped and collected as ``Problem``s, or raise ``SfumatoError`` under
-``strict=True``. ``sfumato data check DIR`` uses ``check_source`` and ``format_report``::
+``strict=True``. ``list_images`` reads the same sources for an index, where captions are optional.
+``sfumato data check DIR`` uses ``check_source`` and ``format_report``::
 
     from sfumato.pairs import check_source, format_report
     print("\\n".join(format_report(check_source("my_pairs/"))))
@@ -393,3 +394,52 @@ def _maybe_track(items: list, description: str, show: bool):
     from rich.progress import track
 
     return track(items, description=description, total=len(items))
+
+
+# ---------------------------------------------------------------- images to index (captions optional)
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image to index; caption None when the source has none for it."""
+
+    path: Path
+    caption: str | None = None
+
+
+def list_images(sources: list[str | os.PathLike]) -> tuple[list[ImageItem], list[Problem]]:
+    """Images of each source, in order: an image file, a folder (captions from .txt beside the
+    images if present) or a .jsonl/.csv manifest. Problems of the listing are returned, not raised.
+    """
+    items: list[ImageItem] = []
+    problems: list[Problem] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTS:
+            txt = path.with_suffix(".txt")
+            caption = _read_caption_file(txt) if txt.is_file() else None
+            items.append(ImageItem(path, None if isinstance(caption, Problem) else caption))
+            continue
+        if path.is_file() and path.suffix.lower() not in MANIFEST_EXTS:
+            problems.append(Problem(path, f"unsupported file type '{path.suffix}' (expected an image "
+                                    f"{', '.join(IMAGE_EXTS)}, a folder or a .jsonl/.csv manifest)", "unsupported"))
+            continue
+        report = read_pairs(path, verify_images=False, max_pixels=DEFAULT_MAX_PIXELS)  # UsageError if missing
+        found = [ImageItem(p.path, p.caption) for p in report.pairs]
+        for pr in report.problems:
+            if pr.kind in (IMAGE_WITHOUT_CAPTION, DUPLICATE_IMAGE):  # captions are optional here
+                found.append(ImageItem(pr.path, None))
+            elif pr.kind != CAPTION_WITHOUT_IMAGE:
+                problems.append(pr)
+        items += sorted(found, key=lambda it: it.path.parts) if not _is_manifest(path) else found
+    return items, problems
+
+
+def _is_manifest(path: Path) -> bool:
+    return path.is_file() or (path / "manifest.jsonl").is_file()
+
+
+def iter_batches(items: list, size: int) -> Iterator[list]:
+    """Consecutive slices of `items`, `size` long (the last may be shorter)."""
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

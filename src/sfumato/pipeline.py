@@ -12,7 +12,6 @@ weights are read from safetensors only.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import warnings
 from contextlib import nullcontext
@@ -27,6 +26,7 @@ from .attention import capture_cross_attention
 from .config import (DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_SIDE, MAX_STEPS, GenerationSettings,
                      parse_parameters)
 from .errors import SfumatoError, UsageError
+from .files import sha256_bytes
 from .models import quiet_libraries
 from .sampling import decode_latents, denoise, encode_prompts, seeded_noise
 
@@ -73,11 +73,9 @@ def model_hash(folder: Path) -> str:
     f = next(iter(sorted((folder / "unet").glob("*.safetensors"))), None)
     if f is None:
         return "unknown"
-    h = hashlib.sha256()
     with open(f, "rb") as fh:
-        h.update(fh.read(1 << 20))  # the header and first MiB identify the file well enough
-    h.update(str(f.stat().st_size).encode())
-    return h.hexdigest()[:10]
+        head = fh.read(1 << 20)  # the header and first MiB identify the file well enough
+    return sha256_bytes(head + str(f.stat().st_size).encode())[:10]
 
 
 class Pipeline:

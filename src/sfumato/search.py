@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .embedding import Embedder, ImageItem, iter_batches, list_images
+from .embedding import Embedder
 from .errors import SfumatoError, UsageError
-from .index import KINDS, IndexWriter, Snapshot, default_kind, file_sha256, read_manifest, unit
-from .pairs import DEFAULT_MAX_PIXELS, Problem, open_image
+from .files import file_sha256
+from .index import KINDS, IndexWriter, Snapshot, default_kind, read_manifest, unit
+from .pairs import DEFAULT_MAX_PIXELS, ImageItem, Problem, iter_batches, list_images, open_image
+from .progress import start_progress
 
 # "delta": image + alpha * (text(words) - text("")); "sum": image + alpha * text(words).
 COMPOSITE_METHODS = ("delta", "sum")
@@ -149,7 +151,7 @@ def _embed_items(items: list[ImageItem], embedder: Embedder, seen: set[str], rep
                  progress: bool, batch_size: int = 64) -> tuple[np.ndarray, list[dict]]:
     """Open, dedupe (by sha256) and embed images; skipped ones go to the report."""
     vecs, rows = [], []
-    bar = _progress(len(items), "embedding images") if progress and items else None
+    bar = start_progress(len(items), "embedding images", stderr=True) if progress and items else None
     for batch in iter_batches(items, batch_size):
         images, batch_rows = [], []
         for it in batch:
@@ -177,15 +179,6 @@ def _embed_items(items: list[ImageItem], embedder: Embedder, seen: set[str], rep
     if bar:
         bar[0].stop()
     return (np.concatenate(vecs) if vecs else np.zeros((0, embedder.dim), np.float32)), rows
-
-
-def _progress(total: int, what: str):
-    from rich.console import Console
-    from rich.progress import Progress
-
-    p = Progress(console=Console(stderr=True), transient=True)
-    p.start()
-    return p, p.add_task(what, total=total)
 
 
 # ---------------------------------------------------------------- queries

@@ -6,14 +6,13 @@ are the ceiling of everything the UNet can draw, so both are measured at every v
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .data import PairData, to_model_range
 from .engine import StageSpec
+from .evaluate import psnr
 
 EVAL_IMAGES = 512
 
@@ -42,11 +41,6 @@ def reconstruct(vae, images_u8: torch.Tensor, batch_size: int = 64) -> torch.Ten
         z = vae.encode(x).latent_dist.mode()
         out.append(((vae.decode(z).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
     return torch.cat(out)
-
-
-def psnr(a_u8: torch.Tensor, b_u8: torch.Tensor) -> float:
-    mse = (a_u8.float() - b_u8.float()).pow(2).mean().item()
-    return 10 * math.log10(255.0 ** 2 / max(mse, 1e-10))
 
 
 def checker_pass_rate(images_u8: torch.Tensor, captions: list[str]) -> float | None:

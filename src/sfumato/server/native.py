@@ -282,9 +282,7 @@ def classify(req: ClassifyRequest, server: Server = Depends(get_server), models:
 @router.post("/index/{name}/add")
 def add(name: str, req: AddRequest, server: Server = Depends(get_server), models: Models = Depends(get_models)):
     """Add images (base64, optional captions) to an index; images already in it are skipped."""
-    import hashlib
-
-    from ..files import atomic_write_bytes
+    from ..files import atomic_write_bytes, sha256_bytes
     from ..search import add_to_index
     from ..images import png_bytes
     from .media import decode_b64
@@ -297,7 +295,7 @@ def add(name: str, req: AddRequest, server: Server = Depends(get_server), models
         data = decode_b64(item.image, f"images[{i}]")
         img = decode_b64_image(item.image, limits.max_pixels, f"images[{i}]")  # checked before anything is kept
         check_text(f"images[{i}].caption", item.caption or "", limits)
-        files.append((hashlib.sha256(data).hexdigest(), data, img, item.caption))
+        files.append((sha256_bytes(data), data, img, item.caption))
     with index.write_lock:
         index.uploads.mkdir(exist_ok=True)
         paths = []

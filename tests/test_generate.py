@@ -208,6 +208,21 @@ def test_batch_image_i_uses_seed_plus_i(pipe):
         assert f"Seed: {5 + i}," in img.info["parameters"]
 
 
+def test_one_prompt_per_image(pipe):
+    """prompts=[...]: one batch, image i with prompts[i] and seed + i (training's sample grids)."""
+    prompts = ["a red circle", "two blue squares", "a red circle"]
+    batch = pipe.generate(S("ignored", seed=5, steps=3), n=7, prompts=prompts)
+    assert len(batch) == 3
+    for i, img in enumerate(batch):
+        single = pipe.generate(S(prompts[i], seed=5 + i, steps=3))[0]
+        assert same_up_to_rounding(img, single), f"image {i}"
+        assert img.info["parameters"].startswith(prompts[i] + "\n") and f"Seed: {5 + i}," in img.info["parameters"]
+    with pytest.raises(UsageError, match="the prompt is empty"):
+        pipe.generate(S("x", steps=3), prompts=["a red circle", " "])
+    with pytest.raises(UsageError, match="the prompt is empty"):
+        pipe.generate(S("x", steps=3), prompts=[])
+
+
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_seed_alone_determines_pixels_for_every_scheduler(pipe, name):
     torch.manual_seed(1)  # the global RNG must not matter

@@ -87,6 +87,19 @@ def test_end_to_end_tiny_layout(tiny_model):
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
 
 
+def test_end_to_end_tiny_sample_grids(tiny_model):
+    """The UNet stage's evaluations draw the sample prompts (through Pipeline.generate) with the EMA and
+    the raw weights: a grid each in logs/ and the scene checker's pass rate in the metrics."""
+    code, out = tiny_model
+    assert code == 0
+    for name in ("ema", "raw"):
+        grids = sorted((out / "logs").glob(f"samples-*-{name}.png"))
+        assert grids, name
+        evals = [r["eval"] for r in _rows(out) if r.get("stage") == "unet" and "eval" in r]
+        rates = [e[f"samples_checker_pass_{name}"] for e in evals if f"samples_checker_pass_{name}" in e]
+        assert rates and all(0.0 <= v <= 1.0 for v in rates), name
+
+
 def test_end_to_end_tiny_pipeline_generates(tiny_model):
     code, out = tiny_model
     assert code == 0

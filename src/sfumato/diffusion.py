@@ -16,7 +16,7 @@ from rich.progress import track
 
 from .data import PairData, to_model_range
 from .engine import StageSpec
-from .sampling import encode_prompts, sample_images
+from .sampling import encode_prompts
 
 # Noise bands whose loss is logged separately: layout is decided at high noise, detail at low.
 BANDS = {"low": (0.0, 0.3), "mid": (0.3, 0.7), "high": (0.7, 1.0)}
@@ -177,5 +177,4 @@ def ema_copy(unet, ema):
     return m
 
 
-__all__ = ["cache_latents", "cache_text", "LatentBatches", "unet_loss", "unet_stage", "ema_copy", "band_metrics",
-           "sample_images"]
+__all__ = ["cache_latents", "cache_text", "LatentBatches", "unet_loss", "unet_stage", "ema_copy", "band_metrics"]

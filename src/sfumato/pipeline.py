@@ -131,7 +131,7 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, settings: GenerationSettings, n: int = 1, init_image: Image.Image | None = None,
                  mask: Image.Image | None = None, callback: Callable[[dict], None] | None = None,
-                 capture: bool = False):
+                 capture: bool = False, prompts: list[str] | None = None):
         """Generate n images; image i uses settings.seed + i. The one way sfumato samples.
 
         Args:
@@ -141,15 +141,21 @@ class Pipeline:
             init_image: start from this image (img2img); mask: with it, white = repaint (inpainting).
             callback: called after each sampler step with {"i", "t", "latents", "total"}.
             capture: also record the cross-attention of every image (for per-word maps).
+            prompts: one prompt per image in one batch, instead of n times settings.prompt (n is then
+                len(prompts)); training draws its sample grids this way.
         Returns:
             PIL images with info["parameters"]; with capture, (images, token maps (n, T, H, W)).
         """
         strength = None
         if init_image is not None:
             strength = DEFAULT_STRENGTH if settings.strength is None else settings.strength
-        s = self.check(dataclasses.replace(settings, strength=strength), n)
+        texts = [settings.prompt] * n if prompts is None else list(prompts)
+        n = len(texts)
+        if any(not t.strip() for t in texts[1:]):
+            raise UsageError("the prompt is empty")
+        s = self.check(dataclasses.replace(settings, prompt=texts[0] if texts else "", strength=strength), n)
         init = self._init_latents(init_image, mask, s)
-        cond, notes = self.encode([s.prompt] * n)
+        cond, notes = self.encode(texts)
         uncond, _ = self.encode([s.negative] * n)
         for note in notes[:1]:
             warnings.warn(note)
@@ -175,7 +181,8 @@ class Pipeline:
         images = []
         for i, a in enumerate(pixels):
             img = Image.fromarray(a)
-            img.info["parameters"] = dataclasses.replace(s, seed=s.seed + i).parameters(self.name, self.hash)
+            img.info["parameters"] = dataclasses.replace(s, prompt=texts[i], seed=s.seed + i).parameters(self.name,
+                                                                                                      self.hash)
             images.append(img)
         return (images, store.maps()) if capture else images
 

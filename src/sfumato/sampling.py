@@ -86,16 +86,3 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> uint8 images (B, H, W, 3)."""
     x = vae.decode(latents / vae.config.scaling_factor).sample
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-@torch.no_grad()
-def sample_images(unet, vae, scheduler, tokenizer, text_encoder, prompts: list[str], seed: int = 0,
-                  steps: int = 20, guidance: float = 4.0, negative: str = "") -> torch.Tensor:
-    """Prompts -> uint8 images (B, H, W, 3); the i-th image uses seed + i."""
-    device = unet.device
-    cond = encode_prompts(tokenizer, text_encoder, prompts)
-    uncond = encode_prompts(tokenizer, text_encoder, [negative] * len(prompts))
-    c, s = unet.config.in_channels, unet.config.sample_size
-    noise, gens = seeded_noise((c, s, s), len(prompts), seed, device)
-    latents = denoise(unet, scheduler, cond, uncond, noise, steps, guidance, generator=gens)
-    return decode_latents(vae, latents)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 import warnings
 
+import numpy as np
 import torch
-from PIL import Image
 
 from .clip import ClipTrainer, batch_negatives, embed_images, embed_texts, hard_negative_accuracy, retrieval_metrics
 from .data import to_model_range
@@ -18,6 +18,8 @@ from .models import (build_clip, build_sample_scheduler, build_train_scheduler, 
 from .tokenizer import encode, load_tokenizer, train_tokenizer
 
 EVAL_PAIRS = 1000
+# The sample grids drawn during UNet training: the model's default sampler, 20 steps, guidance 4.
+SAMPLE_SETTINGS = {"steps": 20, "guidance": 4.0, "scheduler": "DPM++ 2M"}
 
 
 def run_tokenizer(run) -> dict:
@@ -130,12 +132,19 @@ def load_unet_weights(unet, folder) -> None:
         torch.nn.init.zeros_(unet.add_embedding.norm2.bias)
 
 
+def draw_samples(pipe, prompts: list[str], seed: int) -> list:
+    """One image per prompt, in one batch through Pipeline.generate (SAMPLE_SETTINGS); the i-th uses seed + i."""
+    from .config import GenerationSettings
+
+    return pipe.generate(GenerationSettings(prompts[0], seed=seed, **SAMPLE_SETTINGS), prompts=prompts)
+
+
 def run_unet(run) -> dict:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
     from .diffusion import LatentBatches, cache_latents, cache_text, ema_copy, unet_stage
-    from .sampling import sample_images
+    from .pipeline import Pipeline
     from .vae import checker_pass_rate
     from .viz import make_grid
 
@@ -148,6 +157,7 @@ def run_unet(run) -> dict:
     text = cache_text(tok, text_encoder, data.captions)
     scheduler = build_train_scheduler(cfg)
     sampler = build_sample_scheduler(scheduler)
+    sampler_config = {k: v for k, v in sampler.config.items() if not k.startswith("_")}
     latent_res = cfg.data.res // vae_factor(vae)
     # Channels-last convolutions: 1.27x UNet training samples/s on a CPU (benchmarks/bench_train.py).
     unet = build_unet(cfg, latent_res, text_encoder.config.hidden_size).to(dev, memory_format=torch.channels_last)
@@ -161,10 +171,10 @@ def run_unet(run) -> dict:
         out = {}
         for name, model in weights.items():
             model.eval()
-            imgs = sample_images(model, vae, sampler, tok, text_encoder, prompts * 2, seed=step, steps=20,
-                                 guidance=4.0)
-            pil = [Image.fromarray(a.numpy()) for a in imgs]
-            rate = checker_pass_rate(imgs.permute(0, 3, 1, 2), prompts * 2)
+            pipe = Pipeline(None, tok, text_encoder, vae, model, sampler_config, dev)
+            pil = draw_samples(pipe, prompts * 2, seed=step)
+            imgs = torch.from_numpy(np.stack([np.asarray(im) for im in pil])).permute(0, 3, 1, 2)
+            rate = checker_pass_rate(imgs, prompts * 2)
             if rate is not None:
                 out[f"samples_checker_pass_{name}"] = rate
             make_grid(pil, prompts * 2, cols=len(prompts)).save(

@@ -347,7 +347,7 @@ class Snapshot:
         return int(self.manifest["dim"])
 
     def rows(self, ids) -> dict[int, dict]:
-        ids = [int(i) for i in ids if int(i) >= 0]
+        ids = [int(i) for i in ids if 0 <= int(i) < 2**63]  # SQLite ids are int64; others are absent
         out = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]

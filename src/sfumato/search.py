@@ -360,12 +360,23 @@ def hits_grid(hits: list[Hit], out: str | os.PathLike, cell: int = 128) -> Path:
 # ---------------------------------------------------------------- zero-shot
 
 
+def check_templates(templates) -> None:
+    """Each template holds exactly one {} and no other brace (it is filled by a plain replace)."""
+    if not templates:
+        raise UsageError("give at least one template")
+    for t in templates:
+        rest = t.replace("{}", "", 1)
+        if "{}" not in t or "{" in rest or "}" in rest:
+            raise UsageError(f"template {t[:60]!r} must hold exactly one {{}} (where the label goes) and no other brace")
+
+
 def fill_template(template: str, label: str) -> str:
-    """Put a label into a template; a label with its own article ("a red circle") keeps it."""
+    """Put a label into a template; a label with its own article ("a red circle") keeps it.
+    A plain replace, never str.format: a user's template carries no format specs."""
     label = label.strip()
     if label.lower().startswith(("a ", "an ", "the ")):
         template = template.replace("an {}", "{}").replace("a {}", "{}")
-    return template.format(label)
+    return template.replace("{}", label, 1)
 
 
 def label_embeddings(embedder: Embedder, labels: list[str], templates=TEMPLATES) -> np.ndarray:
@@ -399,8 +410,7 @@ def parse_labels(text: str | None, file: str | os.PathLike | None) -> list[str]:
 
 def classify(embedder: Embedder, images, labels: list[str], templates=TEMPLATES) -> np.ndarray:
     """(N, L) probabilities: softmax over labels of the model's scaled cosine similarities."""
-    if not templates or any("{}" not in t for t in templates):
-        raise UsageError("every template needs a {} where the label goes")
+    check_templates(templates)
     return classify_embeddings(embedder, embedder.embed_images(list(images)), labels, templates)
 
 

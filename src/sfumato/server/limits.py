@@ -21,6 +21,9 @@ class Limits:
     max_side: int = 1024  # generated width and height, pixels
     max_k: int = 200  # search results per query
     max_uploads: int = 64  # images per index-add or classify request
+    max_labels: int = 64  # zero-shot labels per classify request
+    max_templates: int = 16  # prompt templates per classify request
+    max_label_texts: int = 512  # labels x templates: text-tower inputs one classify may embed
     job_seconds: float = 600.0  # a running job that takes longer fails (504 on the waiting endpoints)
     keep_jobs: int = 32  # finished jobs (and their images) remembered for GET /v1/jobs/{id}
     preview_seconds: float = 0.5  # at most one step preview per this many seconds

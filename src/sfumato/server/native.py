@@ -262,19 +262,28 @@ def index_image(name: str, item_id: int, models: Models = Depends(get_models)):
 @router.post("/classify")
 def classify(req: ClassifyRequest, server: Server = Depends(get_server), models: Models = Depends(get_models)):
     """Zero-shot: the probability of each label for each image."""
-    from ..search import TEMPLATES, classify as zero_shot, parse_labels
+    from ..search import TEMPLATES, check_templates, classify as zero_shot, parse_labels
 
     if models.embedder is None:
         raise UsageError(f"{models.name} has no CLIP (clip/): classify needs one")
     labels = req.labels if isinstance(req.labels, str) else ",".join(req.labels)
     if not isinstance(req.labels, str) and any("," in s for s in req.labels):
         raise UsageError("a label may not contain a comma")
-    check_text("labels", labels, server.limits)
+    limits = server.limits
+    check_text("labels", labels, limits)
     names = parse_labels(labels, None)
-    check_range("number of images", len(req.images), 1, server.limits.max_uploads)
-    pics = [decode_b64_image(b, server.limits.max_pixels, f"images[{i}]") for i, b in enumerate(req.images)]
+    templates = tuple(req.templates) if req.templates is not None else TEMPLATES
+    # classify holds the text tower's lock, which text search needs too: cap what one request embeds
+    check_range("number of labels", len(names), 2, limits.max_labels)
+    check_range("number of templates", len(templates), 1, limits.max_templates)
+    check_range("labels x templates", len(names) * len(templates), 1, limits.max_label_texts)
+    for i, t in enumerate(templates):
+        check_text(f"templates[{i}]", t, limits)
+    check_templates(templates)
+    check_range("number of images", len(req.images), 1, limits.max_uploads)
+    pics = [decode_b64_image(b, limits.max_pixels, f"images[{i}]") for i, b in enumerate(req.images)]
     with models.embed_lock:
-        probs = zero_shot(models.embedder, pics, names, tuple(req.templates) if req.templates else TEMPLATES)
+        probs = zero_shot(models.embedder, pics, names, templates)
     return [{"label": names[int(row.argmax())], "probabilities": {n: round(float(v), 6) for n, v in zip(names, row)}}
             for row in probs]
 

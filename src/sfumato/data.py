@@ -45,8 +45,18 @@ def to_uint8_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float in [-1, 1], the range the VAE and UNet work in."""
-    return x.float().div(127.5).sub(1.0)
+    """uint8 (N, 3, H, W) -> float in [-1, 1], the range the VAE and UNet work in (diffusers'
+    VaeImageProcessor.normalize of x / 255; bit for bit x / 127.5 - 1)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor.normalize(x.float().div(255.0))
+
+
+def from_model_range(x: torch.Tensor) -> torch.Tensor:
+    """Float in [-1, 1] (clamped) -> uint8 of the same shape, rounded (diffusers' VaeImageProcessor.denormalize)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor.denormalize(x).mul(255.0).round().to(torch.uint8)
 
 
 def _in_holdout(id_: str, fraction: float) -> bool:

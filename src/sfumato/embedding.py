@@ -3,7 +3,8 @@
     emb = Embedder.load("models/mine")          # MODEL/clip: CLIPModel + CLIPTokenizer
     emb.embed_images([img]), emb.embed_texts(["a red circle"])   # (N, D) unit float32
 
-Images are fitted like in training: centre crop to the vision tower's size, scaled to [-1, 1].
+Images go through the CLIPImageProcessor saved beside the model (clip/preprocessor_config.json); a
+folder without one gets what training did: centre crop to the vision tower's size, scaled to [-1, 1].
 A model's fingerprint is the sha256 of clip/model.safetensors; an index records it.
 """
 
@@ -41,8 +42,9 @@ def model_fingerprint(folder: str | os.PathLike) -> str:
 class Embedder:
     """A model folder's CLIP towers and tokenizer, on the CPU (or `device`), in eval mode."""
 
-    def __init__(self, folder: Path, clip, tokenizer, fingerprint: str):
+    def __init__(self, folder: Path, clip, tokenizer, fingerprint: str, processor=None):
         self.folder, self.clip, self.tokenizer, self.fingerprint = folder, clip, tokenizer, fingerprint
+        self.processor = processor  # transformers CLIPImageProcessor, or None: fit_image as in training
         self.res = int(clip.config.vision_config.image_size)
         self.dim = int(clip.config.projection_dim)
 
@@ -57,9 +59,14 @@ class Embedder:
         try:
             clip = CLIPModel.from_pretrained(folder / "clip").to(device).eval()
             tokenizer = CLIPTokenizer.from_pretrained(folder / "clip")
+            processor = None
+            if (folder / "clip" / "preprocessor_config.json").is_file():
+                from transformers import CLIPImageProcessor
+
+                processor = CLIPImageProcessor.from_pretrained(folder / "clip")
         except (OSError, ValueError) as e:
             raise SfumatoError(f"{folder}: cannot load its CLIP model ({e})") from None
-        return cls(folder, clip, tokenizer, model_fingerprint(folder))
+        return cls(folder, clip, tokenizer, model_fingerprint(folder), processor)
 
     @property
     def info(self) -> dict:
@@ -72,6 +79,9 @@ class Embedder:
         return float(self.clip.logit_scale.detach().exp().clamp(max=100))
 
     def pixel_values(self, images):
+        """PIL images -> (N, 3, res, res) float, the vision tower's input."""
+        if self.processor is not None:
+            return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
         from .data import fit_image, to_model_range, to_uint8_tensor
 
         return to_model_range(to_uint8_tensor([fit_image(im, self.res, "center-crop") for im in images]))

@@ -18,6 +18,7 @@ from PIL import Image
 
 from .attention import capture_cross_attention, normalise, word_token_spans
 from .config import GenerationSettings
+from .data import to_model_range
 from .errors import UsageError
 from .images import npz_bytes, png_bytes
 from .viz import make_grid
@@ -170,7 +171,7 @@ def ground(pipe, image: Image.Image, phrases: list[str], seed: int = 0,
     rgb = image.convert("RGB")
     side = pipe.native
     x = torch.from_numpy(np.array(rgb.resize((side, side), Image.BICUBIC))).permute(2, 0, 1)[None]
-    x = x.float().div(127.5).sub(1).to(pipe.device)
+    x = to_model_range(x).to(pipe.device)
     z0 = pipe.vae.encode(x).latent_dist.mode() * pipe.vae.config.scaling_factor
     sched = _train_scheduler(pipe)
     g = torch.Generator().manual_seed(seed)

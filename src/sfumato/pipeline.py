@@ -25,6 +25,7 @@ from PIL import Image
 from .attention import capture_cross_attention
 from .config import (DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_SIDE, MAX_STEPS, GenerationSettings,
                      parse_parameters)
+from .data import to_model_range
 from .errors import SfumatoError, UsageError
 from .files import sha256_bytes
 from .models import quiet_libraries
@@ -195,7 +196,7 @@ class Pipeline:
         if img.size != (s.width, s.height):
             img = img.resize((s.width, s.height), Image.BICUBIC)
         pixels = np.array(img)  # writable: torch.from_numpy warns on read-only arrays
-        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(self.device)
+        x = to_model_range(torch.from_numpy(pixels).permute(2, 0, 1)[None]).to(self.device)
         z = self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
         mask_px = mask_lat = None
         if mask is not None:

@@ -84,5 +84,7 @@ def _step_params(scheduler) -> set[str]:
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> uint8 images (B, H, W, 3)."""
+    from .data import from_model_range
+
     x = vae.decode(latents / vae.config.scaling_factor).sample
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return from_model_range(x).permute(0, 2, 3, 1).cpu()

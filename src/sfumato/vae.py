@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import PairData, to_model_range
+from .data import PairData, from_model_range, to_model_range
 from .engine import StageSpec
 from .evaluate import psnr
 
@@ -39,7 +39,7 @@ def reconstruct(vae, images_u8: torch.Tensor, batch_size: int = 64) -> torch.Ten
     for i in range(0, len(images_u8), batch_size):
         x = to_model_range(images_u8[i:i + batch_size]).to(vae.device)
         z = vae.encode(x).latent_dist.mode()
-        out.append(((vae.decode(z).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        out.append(from_model_range(vae.decode(z).sample).cpu())
     return torch.cat(out)
 
 

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from sfumato.cli import main
-from sfumato.config import (PRESETS, TrainCfg, apply_overrides, from_dict, get_preset, load_config, to_dict)
+from sfumato.config import (PRESETS, RANGES, TrainCfg, apply_overrides, from_dict, get_preset, load_config, to_dict,
+                            validate)
 from sfumato.errors import UsageError
 
 
@@ -175,3 +176,43 @@ def test_cli_config_file_and_set_unknown_stage(tmp_path, capsys):
                  "--stages", "tokenizer,paint"]) == 2
     assert "paint" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "m.partial").exists()
+
+
+def _numeric_keys(obj, prefix=""):
+    import typing
+
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _numeric_keys(value, f"{prefix}{f.name}.")
+        elif hints[f.name] in (int, float) or hints[f.name] == tuple[int, ...]:
+            yield prefix + f.name
+
+
+def test_every_numeric_key_has_a_range_and_presets_are_in_it():
+    assert set(_numeric_keys(TrainCfg())) == set(RANGES)
+    for name in PRESETS:
+        validate(get_preset(name))
+
+
+@pytest.mark.parametrize("assignment, key", [
+    ("clip.steps=-5", "clip.steps"), ("unet.steps=0", "unet.steps"), ("vae.lr=-1e-3", "vae.lr"),
+    ("data.holdout=1.5", "data.holdout"), ("unet.caption_dropout=2.0", "unet.caption_dropout"),
+    ("vae.channels=[16, 0]", "vae.channels"), ("unet.lr=float('nan')", "unet.lr"), ("log_every=0", "log_every"),
+])
+def test_validate_refuses_out_of_range_values(assignment, key):
+    cfg = get_preset("tiny")
+    cfg = apply_overrides(cfg, [assignment.replace("float('nan')", "1e999")]) if "nan" in assignment \
+        else apply_overrides(cfg, [assignment])
+    with pytest.raises(UsageError, match=key.replace(".", r"\.") + " must be between"):
+        validate(cfg)
+
+
+def test_cli_negative_steps_exit_2_and_writes_nothing(tmp_path, capsys):
+    code = main(["train", "--data", "shapesworld", "--out", str(tmp_path / "m"), "--preset", "tiny",
+                 "--set", "clip.steps=-5"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "clip.steps must be between 1" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

@@ -406,3 +406,13 @@ def test_unet_init_missing_is_refused_before_anything_is_written(tmp_path, capsy
     assert _train("--data", data, "--out", out, "--set", f"unet.init={tmp_path / 'nope'}") == 2
     assert "unet.init" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "model.partial").exists()
+
+
+def test_one_pair_is_refused_before_training(tmp_path, capsys):
+    data = _make_pairs(tmp_path / "pairs", 1)
+    out = tmp_path / "model"
+    t = time.time()
+    assert _train("--data", data, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "held-out" in err and "at least 2 and 1" in err and "data.holdout" in err
+    assert time.time() - t < 20 and not out.exists() and not (tmp_path / "model.partial").exists()

@@ -242,6 +242,45 @@ def _flatten(d: dict):
             yield (k, v)
 
 
+# Allowed range (inclusive) of every numeric training key, checked by `validate` before a run writes
+# anything; a tuple field's range applies to each of its items. tests/test_config.py checks that no
+# numeric field of the dataclasses above is missing here.
+BIG = 10**9
+RANGES: dict[str, tuple[float, float]] = {
+    "data.res": (8, 4096), "data.holdout": (0.0, 0.9), "data.max_pixels": (1, 1 << 31),
+    "data.shapes_n": (1, BIG), "data.shapes_seed": (0, 2**63 - 1),
+    "tokenizer.vocab_size": (257, 1 << 20), "tokenizer.context_length": (4, 4096),
+    "clip.embed_dim": (1, 1 << 16), "clip.vision_width": (1, 1 << 16), "clip.vision_layers": (1, 256),
+    "clip.patch_size": (1, 4096), "clip.text_width": (1, 1 << 16), "clip.text_layers": (1, 256),
+    "clip.heads": (1, 1024), "clip.steps": (1, BIG), "clip.batch_size": (2, 1 << 20), "clip.lr": (1e-12, 10.0),
+    "clip.warmup": (0, BIG), "clip.weight_decay": (0.0, 10.0),
+    "vae.channels": (1, 1 << 16), "vae.latent_channels": (1, 1024), "vae.layers_per_block": (1, 64),
+    "vae.norm_groups": (0, 1 << 16), "vae.steps": (1, BIG), "vae.batch_size": (1, 1 << 20),
+    "vae.lr": (1e-12, 10.0), "vae.warmup": (0, BIG), "vae.kl_weight": (0.0, 1e6), "vae.l1_weight": (0.0, 1e6),
+    "vae.mse_weight": (0.0, 1e6), "vae.crop": (0, 4096),
+    "unet.channels": (1, 1 << 16), "unet.layers_per_block": (1, 64), "unet.head_dim": (1, 1 << 16),
+    "unet.steps": (1, BIG), "unet.batch_size": (1, 1 << 20), "unet.lr": (1e-12, 10.0), "unet.warmup": (0, BIG),
+    "unet.train_timesteps": (2, 1 << 20), "unet.snr_gamma": (0.0, 1e6), "unet.logit_mean": (-100.0, 100.0),
+    "unet.logit_std": (1e-6, 100.0), "unet.caption_dropout": (0.0, 1.0), "unet.ema_decay": (0.0, 1.0),
+    "seed": (0, 2**63 - 1), "checkpoint_every": (1, BIG), "eval_every": (1, BIG), "log_every": (1, BIG),
+}
+
+
+def validate(cfg: TrainCfg) -> TrainCfg:
+    """Check every numeric key against RANGES; a UsageError names the key, its value and the range."""
+    import math
+
+    for key, (low, high) in RANGES.items():
+        obj, f = _resolve(cfg, key)
+        value = getattr(obj, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue  # the type was checked when the value was set
+            if not (math.isfinite(v) and low <= v <= high):
+                raise UsageError(f"{key} must be between {low:g} and {high:g}, got {value!r}")
+    return cfg
+
+
 # ---------------------------------------------------------------- generation
 
 DEFAULT_SCHEDULER = "DPM++ 2M"  # a name of pipeline.SCHEDULERS

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import TrainCfg, apply_overrides, from_dict, to_dict
+from .config import TrainCfg, apply_overrides, from_dict, to_dict, validate
 from .data import PairData, load_pairs_data, to_model_range
 from .engine import Engine, StageSpec
 from .errors import UsageError
@@ -93,8 +93,10 @@ def train(data_source: str, out: str | Path, cfg: TrainCfg, stages: tuple[str, .
     if cfg.unet.init and not (Path(cfg.unet.init) / "diffusion_pytorch_model.safetensors").is_file():
         raise UsageError(f"unet.init: {cfg.unet.init} has no diffusion_pytorch_model.safetensors "
                          f"(give a diffusers unet/ folder)")
+    validate(cfg)
     # The data is read before anything is written, so a bad data set leaves no folder behind.
     data = load_pairs_data(data_source, cfg.data, progress=progress and engine.is_main)
+    check_split(data, cfg.data.holdout, stages)
     if engine.is_main:
         if overwrite and not resume:
             shutil.rmtree(work, ignore_errors=True)
@@ -125,6 +127,22 @@ def train(data_source: str, out: str | Path, cfg: TrainCfg, stages: tuple[str, .
     if engine.is_main and all((work / c).exists() for c in COMPONENTS):
         return finalize(run)
     return out if out.exists() and not work.exists() else work
+
+
+MIN_TRAIN, MIN_HELD_OUT = 2, 1  # contrastive batches need two pairs; validation needs one
+
+
+def check_split(data: PairData, holdout: float, stages: tuple[str, ...] = STAGES) -> None:
+    """Refuse, before any training, a train/held-out split that leaves a side too small (the
+    tokenizer alone validates nothing, so it needs no held-out pair)."""
+    n_train, n_val = len(data.train_idx), len(data.val_idx)
+    need_val = MIN_HELD_OUT if set(stages) - {"tokenizer"} else 0
+    if n_train < MIN_TRAIN or n_val < need_val:
+        raise UsageError(f"the train/held-out split (data.holdout={holdout:g}) leaves {n_train} training and "
+                         f"{n_val} held-out pairs of {len(data.ids)}; training needs at least {MIN_TRAIN} and "
+                         f"{MIN_HELD_OUT}: add pairs (a held-out share of {holdout:g} needs about "
+                         f"{max(MIN_TRAIN + MIN_HELD_OUT, round(MIN_HELD_OUT / max(holdout, 1e-9)))}) "
+                         "or raise --set data.holdout")
 
 
 def _check_folders(out: Path, work: Path, resume: bool, overwrite: bool) -> None:

@@ -184,8 +184,10 @@ def test_cli_refuses_public_bind_without_key(capsys, monkeypatch):
 
 def test_api_key(kit):
     with make_client(kit, api_key="s3cret") as c:
+        c.headers["X-API-Key"] = "s3cret"  # /readyz needs the key too
         wait_ready(c)
-        for path in ("/healthz", "/readyz", "/", "/openapi.json"):
+        del c.headers["X-API-Key"]
+        for path in ("/healthz", "/"):
             assert c.get(path).status_code == 200, path
         body = {"text": "a red circle", "k": 2}
         assert c.post("/v1/search", json=body).status_code == 401
@@ -197,7 +199,7 @@ def test_api_key(kit):
         basic = base64.b64encode(b"user:s3cret").decode()
         assert c.get("/sdapi/v1/samplers", headers={"Authorization": f"Basic {basic}"}).status_code == 200
         assert c.get("/sdapi/v1/samplers", headers={"Authorization": "Basic %%%"}).status_code == 401
-        schemes = c.get("/openapi.json").json()["components"]["securitySchemes"]
+        schemes = c.get("/openapi.json", headers={"X-API-Key": "s3cret"}).json()["components"]["securitySchemes"]
         assert {s["type"] for s in schemes.values()} == {"apiKey", "http"}  # documented in /docs
 
 

@@ -30,12 +30,14 @@ def serve_cmd(
                                           help="Key every API request must carry (Bearer, X-API-Key or Basic)."),
     max_queue: int = typer.Option(8, "--max-queue", help="Generation jobs that may wait; more get 429."),
     job_seconds: float = typer.Option(600.0, "--job-seconds", help="Time limit of one job."),
+    allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="Another Host name this server "
+                                                   "answers to, besides 127.0.0.1, localhost and [::1] (repeatable)."),
 ) -> None:
     """Serve the native API (/docs), AUTOMATIC1111 and clip-retrieval endpoints, and a web page."""
     try:
         import uvicorn
 
-        from ..server import Limits, check_bind, create_app, model_loader
+        from ..server import Limits, allowed_hosts, check_bind, create_app, model_loader
     except ImportError as e:
         raise SfumatoError(f"serving needs the serve extra: pip install 'sfumato[serve]' ({e})") from None
 
@@ -58,7 +60,8 @@ def serve_cmd(
             server.should_exit = True
 
     app = create_app(model_loader(model, list(index or ())), api_key=api_key,
-                     limits=Limits(max_queue=max_queue, job_seconds=job_seconds), on_load_error=stop)
+                     limits=Limits(max_queue=max_queue, job_seconds=job_seconds), on_load_error=stop,
+                     hosts=allowed_hosts(host, list(allow_host or ())))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=os.environ.get("SFUMATO_LOG", "info")))
     console.print(f"serving on http://{host}:{port}/ (API docs at /docs); loading models", highlight=False)
     server.run()

@@ -15,10 +15,11 @@ from typing import Callable
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..errors import SfumatoError, UsageError
 from .a1111 import router as a1111
-from .deps import Server, require_key
+from .deps import Server, require_key, require_key_browser
 from .jobs import JobQueue
 from .knn import router as knn
 from .limits import Limits
@@ -30,7 +31,7 @@ STATIC = Path(__file__).parent / "static"
 
 
 def create_app(loader: Callable[[], Models], api_key: str | None = None, limits: Limits | None = None,
-               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
+               on_load_error: Callable[[str], None] | None = None, hosts: list[str] | None = None) -> FastAPI:
     """The app. `loader()` runs at start-up in a thread and returns the Models to serve.
 
     Args:
@@ -39,6 +40,7 @@ def create_app(loader: Callable[[], Models], api_key: str | None = None, limits:
         api_key: when set, every route but the page, docs and health needs it (Bearer, X-API-Key or
             HTTP Basic password).
         limits: request and job caps.
+        hosts: the Host header values served (`allowed_hosts`); others get 400. None: any host.
     """
     from contextlib import asynccontextmanager
 
@@ -62,18 +64,24 @@ def create_app(loader: Callable[[], Models], api_key: str | None = None, limits:
         yield
         server.queue.stop()
 
-    app = FastAPI(title="sfumato", lifespan=lifespan, description="Generate, search, classify and explain "
+    # docs served below, behind the key: FastAPI's own /docs, /redoc and /openapi.json take no dependencies
+    app = FastAPI(title="sfumato", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, description="Generate, search, classify and explain "
                   "images. Native API under /v1; AUTOMATIC1111-compatible under /sdapi/v1; clip-retrieval "
                   "back-end at /knn-service, /indices-list, /metadata.")
     app.state.server = server
     app.add_middleware(BodyCap, max_body=limits.max_body)
+    app.add_middleware(SameOrigin, hosts=hosts)
+    if hosts is not None:  # DNS rebinding: a page of evil.example resolved to 127.0.0.1 sends Host: evil.example
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
     _add_error_handlers(app)
 
     @app.get("/healthz", tags=["health"])
     def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"])
+    auth = [Depends(require_key)]
+
+    @app.get("/readyz", tags=["health"], dependencies=auth)
     def readyz():
         if server.models is None:
             detail = f"cannot load models: {server.load_error}" if server.load_error else "models are loading"
@@ -85,11 +93,28 @@ def create_app(loader: Callable[[], Models], api_key: str | None = None, limits:
     def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    auth = [Depends(require_key)]
+    _add_docs(app, [Depends(require_key_browser)])
     app.include_router(native, dependencies=auth)
     app.include_router(a1111, dependencies=auth)
     app.include_router(knn, dependencies=auth)
     return app
+
+
+def _add_docs(app: FastAPI, auth: list) -> None:
+    """/openapi.json, /docs and /redoc, behind the key when one is set (the API's whole description)."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=auth)
+    def openapi():
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=auth)
+    def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="sfumato - API")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=auth)
+    def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title="sfumato - API")
 
 
 # ---------------------------------------------------------------- errors and body cap
@@ -114,6 +139,41 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": "; ".join(parts),
                              "errors": [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in errors]},
                             status_code=422)
+
+
+SAFE_METHODS = (b"GET", b"HEAD", b"OPTIONS")
+
+
+class SameOrigin:
+    """403 for a state-changing request from a foreign origin: a browser page elsewhere may POST a
+    form here (no CORS preflight for form content types), so the Origin header is checked. Our own:
+    Starlette's CORSMiddleware only adds response headers and never refuses a request."""
+
+    def __init__(self, app, hosts: list[str] | None):
+        self.app, self.hosts = app, set(hosts or ())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"].encode() not in SAFE_METHODS:
+            headers = dict(scope.get("headers") or [])
+            origin = headers.get(b"origin")
+            if origin is not None and not self._same(origin.decode("latin-1"), headers.get(b"host", b"")):
+                response = JSONResponse({"detail": "cross-origin request refused"}, status_code=403)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _same(self, origin: str, host: bytes) -> bool:
+        from urllib.parse import urlsplit
+
+        try:
+            o = urlsplit(origin)
+            name = (o.hostname or "").lower()
+        except ValueError:
+            return False
+        if o.scheme not in ("http", "https") or not name:
+            return False  # "null" (sandboxed pages, file://) and the like
+        if o.netloc.lower() == host.decode("latin-1").lower():
+            return True
+        return (f"[{name}]" if ":" in name else name) in self.hosts
 
 
 class BodyCap:

@@ -69,6 +69,16 @@ def require_key(request: Request, header: str | None = Security(_header_key),
                             headers={"WWW-Authenticate": "Bearer"})
 
 
+def require_key_browser(request: Request, header: str | None = Security(_header_key),
+                        bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
+                        basic: HTTPBasicCredentials | None = Security(_basic)) -> None:
+    """require_key for pages a browser opens (/docs): its 401 asks for HTTP Basic, so the browser prompts."""
+    try:
+        require_key(request, header, bearer, basic)
+    except HTTPException as e:
+        raise HTTPException(401, e.detail, headers={"WWW-Authenticate": 'Basic realm="sfumato"'}) from None
+
+
 def submit(server: Server, kind: str, run, total: int = 0) -> Job:
     """Queue a job on the lane, or 429 with Retry-After when the queue is full."""
     try:

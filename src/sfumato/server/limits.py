@@ -38,6 +38,22 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def allowed_hosts(bind: str, extra: list[str] = ()) -> list[str] | None:
+    """The Host header values a server bound to `bind` answers (against DNS rebinding): a loopback
+    server its own names and the hosts the user adds; a public one any host unless some are named."""
+    def name(h: str) -> str:
+        h = h.strip().lower()
+        return f"[{h}]" if ":" in h and not h.startswith("[") else h  # IPv6 as in a Host header
+
+    if not is_loopback(bind) and not extra:
+        return None
+    hosts = [*LOOPBACK_NAMES, name(bind), *map(name, extra)]
+    return list(dict.fromkeys(h for h in hosts if h not in ("0.0.0.0", "[::]")))
+
+
 def check_bind(host: str, api_key: str | None) -> None:
     """Refuse to listen beyond this machine without an API key."""
     if not is_loopback(host) and not api_key:

@@ -35,6 +35,9 @@ ARMS: dict[str, list[str]] = {
     "wide": ["unet.channels=(48,96,96)"],
     "attn3": ["unet.attention_levels=(True,True,True)"],
     "batch32": ["unet.batch_size=32"],
+    # the levers that helped, together
+    "combined": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
+                 "unet.text_time_embedding=True"],
 }
 
 
@@ -196,7 +199,7 @@ def run_arm(args) -> None:
 
     result = {"arm": args.arm, "seed": args.seed, "tag": args.tag, "overrides": ARMS[args.arm] + list(args.set or []),
               "minutes": args.minutes, "threads": args.threads, "steps": step, "samples_per_s": probed,
-              "samples_per_s_this_run": round(samples_s, 1),
+              "samples_per_s_this_run": round(samples_s, 1), "train_seconds": round(train_s),
               "params_m": round(params / 1e6, 2), "config": to_dict(cfg)}
     weights = {"ema": ema_copy(unet, ema), "raw": unet}
     sampler = build_sample_scheduler(scheduler)
@@ -240,7 +243,7 @@ def eval_snapshots(args) -> None:
     sched_dir = next(work.glob("model-*/scheduler"), None) or base / "scheduler"
     for snap in sorted((work / "snapshots").glob("*min-ema")):
         res_path = snap / "result.json"
-        if res_path.exists():
+        if res_path.exists() or (args.only and snap.name not in args.only.split(",")):
             continue
         folder = work / "snapshot-model"
         shutil.rmtree(folder, ignore_errors=True)
@@ -290,6 +293,31 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     img.save(path)
 
 
+def ship(args) -> None:
+    """Put a run's EMA UNet (and sampler) into a model folder, e.g. the shipped default model, and
+    record its recipe, measurements and training time in that folder's sfumato.json."""
+    run = Path(args.out) / args.run
+    result = json.loads((run / "result.json").read_text())
+    target = Path(args.into)
+    card = json.loads((target / "sfumato.json").read_text())
+    tmp = target / ".unet.new"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run / "model-ema" / "unet", tmp)
+    shutil.rmtree(target / "unet")
+    tmp.rename(target / "unet")
+    shutil.copytree(run / "model-ema" / "scheduler", target / "scheduler", dirs_exist_ok=True)
+    history = card.setdefault("unet_history", [{"config": card["config"]["unet"], "seconds": card["seconds"]["unet"]}])
+    history.append({"config": result["config"]["unet"], "seconds": result["train_seconds"], "steps": result["steps"],
+                    "threads": result["threads"], "run": args.run})
+    card["config"]["unet"] = result["config"]["unet"]
+    card["seconds"]["unet"] = round(sum(h["seconds"] for h in history), 1)
+    card["metrics"]["unet"] = {k: v for k, v in result["ema"].items() if isinstance(v, (int, float))}
+    card["metrics"]["compositional"] = {"overall": result["ema"].get("compositional"),
+                                        **result["ema"].get("per_category", {})}
+    (target / "sfumato.json").write_text(json.dumps(card, indent=1))
+    log(f"shipped {args.run} into {target}")
+
+
 def report(args) -> None:
     """A markdown table of every finished arm (mean and spread over seeds)."""
     rows = [json.loads(p.read_text()) for p in sorted(Path(args.out).glob("*/result.json"))]
@@ -297,7 +325,7 @@ def report(args) -> None:
             "attribute_binding", "text")
     short = ("single", "colors", "size", "bg", "two", "count", "pos", "bind", "text")
     head = ("| arm | seed | min | samples/s | steps | overall (EMA) | " + " | ".join(short)
-            + " | cf relation 700 | cf binding 700 | cf shape 700 | cf count 700 | cf digit 700 | x0 high | overall raw |")
+            + " | cf relation | cf binding | cf shape | cf count | cf digit | cf colour | x0 mid | x0 high | overall raw |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         e = r["ema"]
@@ -307,8 +335,9 @@ def report(args) -> None:
             f"| {r['arm']}{'-' + r['tag'] if r.get('tag') else ''} | {r['seed']} | {r['minutes']} | {r['samples_per_s']} | {r['steps']} | "
             f"{e.get('compositional', float('nan')):.3f} | " + " | ".join(f"{pc.get(c, float('nan')):.2f}" for c in cats)
             + " | " + " | ".join(f"{100 * e.get(f'cf_{k}_t700', float('nan')):+.1f}%"
-                                 for k in ("relation", "binding", "shape", "count", "digit"))
-            + f" | {e.get('x0_mse_high_cond', float('nan')):.3f} | {'' if raw is None else f'{raw:.3f}'} |")
+                                 for k in ("relation", "binding", "shape", "count", "digit", "color"))
+            + f" | {e.get('x0_mse_mid_cond', float('nan')):.3f} | {e.get('x0_mse_high_cond', float('nan')):.3f}"
+            + f" | {'' if raw is None else f'{raw:.3f}'} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.md:
@@ -331,7 +360,7 @@ def report(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("prepare", "probe", "arm", "snapshots", "report"))
+    p.add_argument("command", choices=("prepare", "probe", "arm", "snapshots", "report", "ship"))
     p.add_argument("arm", nargs="?", choices=tuple(ARMS))
     p.add_argument("--out", default="runs/study")
     p.add_argument("--base", default=str(Path(__file__).resolve().parents[1] / "src/sfumato/assets/default-model"))
@@ -346,12 +375,15 @@ def main() -> None:
     p.add_argument("--md", default="")
     p.add_argument("--plot", default="", help="report: PNG of pass rate per category against training minutes")
     p.add_argument("--snapshots", type=int, default=0, help="arm: save this many EMA snapshots along the way")
-    p.add_argument("--run", default="", help="snapshots: the arm folder whose snapshots to evaluate")
+    p.add_argument("--run", default="", help="snapshots, ship: the arm folder (e.g. combined-s0-warm)")
+    p.add_argument("--only", default="", help="snapshots: comma-separated snapshot names to evaluate")
+    p.add_argument("--into", default="", help="ship: the model folder that gets the run's UNet")
     p.add_argument("--arms", default=",".join(ARMS), help="probe: comma-separated arm names")
     args = p.parse_args()
     if args.command == "arm" and not args.arm:
         p.error("arm needs an arm name")
-    {"prepare": prepare, "probe": probe, "arm": run_arm, "snapshots": eval_snapshots, "report": report}[args.command](args)
+    {"prepare": prepare, "probe": probe, "arm": run_arm, "snapshots": eval_snapshots, "report": report,
+     "ship": ship}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -439,7 +439,9 @@ def test_cli_explain_generate(sd, pipe, tmp_path, capsys):
     with Image.open(out / "image.png") as im:
         params = im.text["parameters"]
         assert params.startswith(PROMPT) and "Steps: 2" in params
-        assert np.array_equal(px(im), px(pipe.generate(S(PROMPT, seed=0, steps=2))[0]))
+        # The same picture: capturing computes attention probabilities explicitly where plain
+        # sampling uses fused attention, so a rounding may flip a pixel by a level.
+        assert np.abs(px(im) - px(pipe.generate(S(PROMPT, seed=0, steps=2))[0])).max() <= 2
     with np.load(out / "maps.npz") as z:
         assert list(z["words"]) == PROMPT.split()
         assert z["maps"].shape == (7, pipe.native, pipe.native)

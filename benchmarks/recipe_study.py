@@ -155,9 +155,7 @@ def run_arm(args) -> None:
     batches = LatentBatches(cfg, scheduler, (c["mean"], c["std"]), (c["states"], c["rows"], c["empty"]),
                             meta["scaling"])
     ema = make_ema(unet, cfg.unet)
-    decay = [p for p in unet.parameters() if p.ndim >= 2]
-    rest = [p for p in unet.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay}, {"params": rest}], lr=cfg.unet.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet.lr, betas=(0.9, 0.99), weight_decay=0.0)  # as the engine
     budget = args.minutes * 60
     metrics = open(work / "logs" / "metrics.jsonl", "w")
     params = sum(p.numel() for p in unet.parameters())
@@ -222,9 +220,16 @@ def run_arm(args) -> None:
     (work / "result.json").write_text(json.dumps(result, indent=1))
 
 
+def base_copy(base: Path, folder: Path) -> Path:
+    """The base model's folder without its UNet, sampler and card: tokenizer, text tower, VAE, CLIP."""
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(base, folder, ignore=shutil.ignore_patterns("unet", "scheduler", "sfumato.json"))
+    return folder
+
+
 def save_model(base: Path, unet, sampler, folder: Path) -> Path:
     """A complete diffusers folder: the base model's tokenizer, text tower and VAE with this UNet."""
-    shutil.copytree(base, folder, ignore=shutil.ignore_patterns("unet", "scheduler", "sfumato.json"))
+    base_copy(base, folder)
     unet.save_pretrained(folder / "unet")
     sampler.save_pretrained(folder / "scheduler")
     return folder
@@ -245,9 +250,7 @@ def eval_snapshots(args) -> None:
         res_path = snap / "result.json"
         if res_path.exists() or (args.only and snap.name not in args.only.split(",")):
             continue
-        folder = work / "snapshot-model"
-        shutil.rmtree(folder, ignore_errors=True)
-        shutil.copytree(base, folder, ignore=shutil.ignore_patterns("unet", "scheduler", "sfumato.json"))
+        folder = base_copy(base, work / "snapshot-model")
         shutil.copytree(snap, folder / "unet", ignore=shutil.ignore_patterns("result.json"))
         shutil.copytree(sched_dir, folder / "scheduler")
         res = evaluate_compositional(load(folder), snap / "eval", per_category=args.per_category, progress=False)

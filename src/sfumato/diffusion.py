@@ -155,8 +155,8 @@ def band_metrics(unet, data: PairData, batches: LatentBatches, device, n: int = 
             noisy, tt, ctx, target = batches.draw(idx, g, device, t=t, dropout=dropout)
             pred = unet(noisy, tt, encoder_hidden_states=ctx).sample.float()
             a = ac[t].view(-1, 1, 1, 1).to(device)
-            x0_true = _x0(batches.u.prediction_type, noisy, target, a)
-            x0_pred = _x0(batches.u.prediction_type, noisy, pred, a)
+            x0_true = predicted_x0(batches.u.prediction_type, noisy, target, a)
+            x0_pred = predicted_x0(batches.u.prediction_type, noisy, pred, a)
             errs[mode] = float(F.mse_loss(x0_pred, x0_true))
         out[f"x0_mse_{name}_cond"] = errs["cond"]
         out[f"x0_mse_{name}_gap"] = errs["uncond"] - errs["cond"]
@@ -164,7 +164,8 @@ def band_metrics(unet, data: PairData, batches: LatentBatches, device, n: int = 
     return out
 
 
-def _x0(prediction_type: str, noisy, pred, a):
+def predicted_x0(prediction_type: str, noisy, pred, a):
+    """x0 from the UNet's prediction at cumulative alpha a (epsilon or v)."""
     if prediction_type == "epsilon":
         return (noisy - (1 - a).sqrt() * pred) / a.sqrt().clamp(min=1e-4)
     return a.sqrt() * noisy - (1 - a).sqrt() * pred  # from v
@@ -177,4 +178,4 @@ def ema_copy(unet, ema):
     return m
 
 
-__all__ = ["cache_latents", "cache_text", "LatentBatches", "unet_loss", "unet_stage", "ema_copy", "band_metrics"]
+__all__ = ["cache_latents", "cache_text", "LatentBatches", "unet_loss", "unet_stage", "ema_copy", "band_metrics", "predicted_x0"]

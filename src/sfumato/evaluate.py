@@ -176,15 +176,16 @@ def counterfactual_sensitivity(unet, scheduler, vae, tokenizer, text_encoder, n:
 
     from .clip import edit_caption
     from .data import to_model_range, to_uint8_tensor
+    from .diffusion import predicted_x0
+    from .models import vae_factor
     from .sampling import encode_prompts
     from .shapesworld import ShapesWorld
 
     rng = random.Random(seed)
     ac = scheduler.alphas_cumprod
-    v_pred = scheduler.config.prediction_type == "v_prediction"
     out = {}
     for name, (kind, category) in COUNTERFACTUAL_EDITS.items():
-        world = ShapesWorld(4 * n, seed=seed, res=unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1),
+        world = ShapesWorld(4 * n, seed=seed, res=unet.config.sample_size * vae_factor(vae),
                             categories=(category,))
         images, true, edited = [], [], []
         for img, cap, _ in world:
@@ -207,7 +208,7 @@ def counterfactual_sensitivity(unet, scheduler, vae, tokenizer, text_encoder, n:
                 errs = []
                 for ctx in (ctx_true, ctx_edit):
                     pred = unet(noisy, tt, encoder_hidden_states=ctx).sample.float()
-                    x0 = a.sqrt() * noisy - (1 - a).sqrt() * pred if v_pred else (noisy - (1 - a).sqrt() * pred) / a.sqrt()
+                    x0 = predicted_x0(scheduler.config.prediction_type, noisy, pred, a)
                     errs.append(float(((x0 - z) ** 2).mean()))
                 out[f"cf_{name}_t{t}"] = errs[1] / max(errs[0], 1e-12) - 1
     return out

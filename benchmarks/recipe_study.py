@@ -35,6 +35,8 @@ ARMS: dict[str, list[str]] = {
     "wide": ["unet.channels=(48,96,96)"],
     "attn3": ["unet.attention_levels=(True,True,True)"],
     "batch32": ["unet.batch_size=32"],
+    # more of the categories nobody passes yet (the cache's pairs re-weighted, see run_arm)
+    "hardmix": ["data.shapes_mix=two_objects=2,counting=2,position=2,attribute_binding=2,text=2"],
     # the levers that helped, together
     "combined": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
                  "unet.text_time_embedding=True"],
@@ -154,6 +156,14 @@ def run_arm(args) -> None:
     train_idx, val_idx = np.flatnonzero(~holdout), np.flatnonzero(holdout)
     batches = LatentBatches(cfg, scheduler, (c["mean"], c["std"]), (c["states"], c["rows"], c["empty"]),
                             meta["scaling"])
+    weights = None
+    if cfg.data.shapes_mix:
+        # The cache holds the standard mix, where pair i is of category CATEGORIES[i % 9]; drawing
+        # each pair with its category's share gives the mix's proportions without a new cache.
+        from sfumato.shapesworld.spec import CATEGORIES, mix_categories
+
+        share = [mix_categories(cfg.data.shapes_mix).count(cat) for cat in CATEGORIES]
+        weights = torch.tensor([float(share[i % len(CATEGORIES)]) for i in train_idx])
     ema = make_ema(unet, cfg.unet)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet.lr, betas=(0.9, 0.99), weight_decay=0.0)  # as the engine
     budget = args.minutes * 60
@@ -175,7 +185,7 @@ def run_arm(args) -> None:
         for gr in opt.param_groups:
             gr["lr"] = get_lr(step, total, cfg.unet.lr, cfg.unet.warmup)
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        loss, logs = unet_loss(unet, batches, train_idx, g, "cpu")
+        loss, logs = unet_loss(unet, batches, train_idx, g, "cpu", weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()

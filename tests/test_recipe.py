@@ -99,3 +99,20 @@ def test_unet_init_grows_the_text_time_embedding_without_changing_the_output(tmp
     with pytest.raises(UsageError, match="another architecture"):
         grown.save_pretrained(tmp_path / "grown")
         load_unet_weights(build_unet(get_preset("tiny"), 8, 32), tmp_path / "grown")
+
+
+def test_unet_loss_draws_pairs_by_their_weights(monkeypatch):
+    import numpy as np
+
+    import sfumato.diffusion as diffusion
+
+    b = _batches()
+    seen = []
+    real = b.draw
+    monkeypatch.setattr(b, "draw", lambda idx, g, device: seen.extend(idx.tolist()) or real(idx, g, device))
+    model = lambda x, t, encoder_hidden_states: type("Out", (), {"sample": torch.zeros_like(x)})()  # noqa: E731
+    train_idx = np.array([0, 1, 2, 3])
+    for i in range(5):
+        diffusion.unet_loss(model, b, train_idx, torch.Generator().manual_seed(i), "cpu",
+                            weights=torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert set(seen) == {2}

@@ -121,3 +121,30 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_dataset(tmp_path / "ds", 10)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_training_mix_gives_categories_their_shares():
+    order = spec.mix_categories("position=3,text=0")
+    assert order.count("position") == 3 and "text" not in order and order.count("colors") == 1
+    assert spec.mix_categories("") == spec.CATEGORIES
+    ds = ShapesWorld(len(order) * 4, categories=order)
+    cats = [ds[i][2]["category"] for i in range(len(ds))]
+    assert cats.count("position") == 12 and "text" not in cats
+    for bad in ("nope=2", "position", "position=-1", "position=99", "single_object=0,colors=0,size=0,background=0,"
+                "two_objects=0,counting=0,position=0,attribute_binding=0,text=0"):
+        with pytest.raises(ValueError):
+            spec.mix_categories(bad)
+
+
+def test_training_mix_is_checked_and_changes_the_data():
+    from sfumato.config import DataCfg, apply_overrides, get_preset, validate
+    from sfumato.data import load_pairs_data
+
+    with pytest.raises(UsageError, match="data.shapes_mix"):
+        validate(apply_overrides(get_preset("small"), ["data.shapes_mix=bogus=1"]))
+    plain = load_pairs_data("shapesworld", DataCfg(res=32, shapes_n=18), progress=False)
+    mixed = load_pairs_data("shapesworld", DataCfg(res=32, shapes_n=18, shapes_mix="counting=9"), progress=False)
+    assert plain.fingerprint != mixed.fingerprint
+    counts = sum(c.split()[0] in spec.NUMBERS for c in mixed.captions), sum(c.split()[0] in spec.NUMBERS
+                                                                               for c in plain.captions)
+    assert counts[0] > counts[1]

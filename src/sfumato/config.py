@@ -24,6 +24,7 @@ class DataCfg:
     max_pixels: int = 4096 * 4096
     shapes_n: int = 30_000  # pairs when --data is "shapesworld"
     shapes_seed: int = 0
+    shapes_mix: str = ""  # category shares, e.g. "position=2,counting=2" (others keep 1)
 
 
 @dataclass
@@ -279,6 +280,12 @@ def validate(cfg: TrainCfg) -> TrainCfg:
                 continue  # the type was checked when the value was set
             if not (math.isfinite(v) and low <= v <= high):
                 raise UsageError(f"{key} must be between {low:g} and {high:g}, got {value!r}")
+    from .shapesworld.spec import mix_categories
+
+    try:
+        mix_categories(cfg.data.shapes_mix)
+    except ValueError as e:
+        raise UsageError(f"data.shapes_mix: {e}") from None
     return cfg
 
 

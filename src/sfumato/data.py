@@ -117,7 +117,9 @@ def load_pairs_data(source: str, cfg: DataCfg, strict: bool = False, progress: b
 def _shapesworld(cfg: DataCfg, progress: bool) -> PairData:
     from .shapesworld import ShapesWorld
 
-    ds = ShapesWorld(cfg.shapes_n, seed=cfg.shapes_seed, res=cfg.res)
+    from .shapesworld.spec import mix_categories
+
+    ds = ShapesWorld(cfg.shapes_n, seed=cfg.shapes_seed, res=cfg.res, categories=mix_categories(cfg.shapes_mix))
     it = range(len(ds))
     if progress:
         from rich.progress import track
@@ -130,6 +132,7 @@ def _shapesworld(cfg: DataCfg, progress: bool) -> PairData:
         captions.append(cap)
     ids = [f"{i:06d}" for i in range(len(ds))]
     holdout = np.array([_in_holdout(i, cfg.holdout) for i in ids])
-    fp = hashlib.sha256(f"shapesworld-v1:{cfg.shapes_n}:{cfg.shapes_seed}:{cfg.res}".encode()).hexdigest()
+    mix = f":{cfg.shapes_mix}" if cfg.shapes_mix else ""  # the standard mix keeps its old fingerprint
+    fp = hashlib.sha256(f"shapesworld-v1:{cfg.shapes_n}:{cfg.shapes_seed}:{cfg.res}{mix}".encode()).hexdigest()
     return PairData(to_uint8_tensor(images), captions, ids, holdout, fp, "shapesworld",
                     {"pairs": len(ids), "skipped": 0})

@@ -94,11 +94,15 @@ class LatentBatches:
         return noisy.to(device), t.to(device), ctx.to(device), target.to(device)
 
 
-def unet_loss(model, batches: LatentBatches, train_idx: np.ndarray, g: torch.Generator, device):
-    """One training batch's loss (and its MSE per noise band, for the log)."""
+def unet_loss(model, batches: LatentBatches, train_idx: np.ndarray, g: torch.Generator, device,
+              weights: torch.Tensor | None = None):
+    """One training batch's loss (and its MSE per noise band, for the log); `weights` (one per
+    training pair) makes some pairs more likely than others."""
     u, scheduler = batches.u, batches.scheduler
     T = scheduler.config.num_train_timesteps
-    idx = train_idx[torch.randint(len(train_idx), (u.batch_size,), generator=g).numpy()]
+    pick = (torch.randint(len(train_idx), (u.batch_size,), generator=g) if weights is None
+            else torch.multinomial(weights, u.batch_size, replacement=True, generator=g))
+    idx = train_idx[pick.numpy()]
     noisy, t, ctx, target = batches.draw(idx, g, device)
     pred = model(noisy, t, encoder_hidden_states=ctx).sample
     per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

@@ -75,3 +75,22 @@ CATEGORIES = (
     "attribute_binding",
     "text",
 )
+
+
+def mix_categories(mix: str) -> tuple[str, ...]:
+    """The category turn order of a training mix such as "two_objects=2,counting=2".
+
+    Scenes take categories in turn, so a category listed k times gets k shares; categories the
+    mix does not name keep one share. "" is the standard mix (every category once)."""
+    weights = dict.fromkeys(CATEGORIES, 1)
+    for part in filter(None, (p.strip() for p in mix.split(","))):
+        name, sep, k = part.partition("=")
+        if name not in weights:
+            raise ValueError(f"unknown category {name!r} in the mix; choose from {', '.join(CATEGORIES)}")
+        if not sep or not k.strip().isdigit() or not 0 <= int(k) <= 16:
+            raise ValueError(f"mix weight of {name!r} must be a whole number 0-16, got {k!r}")
+        weights[name] = int(k)
+    order = tuple(c for c in CATEGORIES for _ in range(weights[c]))
+    if not order:
+        raise ValueError("the mix leaves no category")
+    return order

@@ -175,6 +175,13 @@ def predicted_x0(prediction_type: str, noisy, pred, a):
     return a.sqrt() * noisy - (1 - a).sqrt() * pred  # from v
 
 
+def predicted_eps(prediction_type: str, noisy, pred, a):
+    """The noise from the UNet's prediction at cumulative alpha a (epsilon or v)."""
+    if prediction_type == "epsilon":
+        return pred
+    return a.sqrt() * pred + (1 - a).sqrt() * noisy  # from v
+
+
 def ema_copy(unet, ema):
     """A copy of the UNet holding the EMA weights (for sampling and saving)."""
     m = copy.deepcopy(unet)
@@ -182,4 +189,5 @@ def ema_copy(unet, ema):
     return m
 
 
-__all__ = ["cache_latents", "cache_text", "LatentBatches", "unet_loss", "unet_stage", "ema_copy", "band_metrics", "predicted_x0"]
+__all__ = ["cache_latents", "cache_text", "LatentBatches", "unet_loss", "unet_stage", "ema_copy", "band_metrics", "predicted_x0",
+           "predicted_eps"]

@@ -1,0 +1,34 @@
+"""`sfumato distill`: a model folder into a few-step (LCM) one that samples in 2-8 steps.
+
+    sfumato distill models/mine --out models/mine-fast --steps 2000
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .console import out
+
+app = typer.Typer()
+
+
+@app.command("distill")
+def distill_cmd(
+    model: Path = typer.Argument(..., help="The model folder to distil (diffusers Stable Diffusion layout)."),
+    out_dir: Path = typer.Option(..., "--out", help="The few-step model folder to write."),
+    steps: int = typer.Option(2000, "--steps", help="Distillation steps (batches)."),
+    data: str = typer.Option("shapesworld", "--data", help='Pairs whose images and captions it learns on.'),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    lr: float = typer.Option(2e-4, "--lr"),
+    pairs: int = typer.Option(30_000, "--pairs", help='ShapesWorld pairs when --data is "shapesworld".'),
+    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder or unfinished run."),
+) -> None:
+    """Distil a model into a few-step one (latent consistency distillation onto LCMScheduler)."""
+    from ..distill import DistillCfg, distill
+
+    path = distill(model, out_dir, DistillCfg(steps=steps, batch_size=batch_size, lr=lr, pairs=pairs), data,
+                   resume=resume, overwrite=overwrite)
+    out.print(f"few-step model: {path}")

@@ -1,0 +1,237 @@
+"""Latent consistency distillation: a model folder into a few-step one (LCMScheduler, 2-8 steps).
+
+    sfumato distill models/mine --out models/mine-fast --steps 2000
+
+The method is diffusers' LCM distillation example (Luo et al., 2023): the student is the teacher's
+UNet with a guidance-scale embedding (`time_cond_proj_dim`), so one forward pass replaces the
+conditional and unconditional passes of classifier-free guidance; it learns to map a point of the
+teacher's guided ODE trajectory (one DDIM step of the teacher from t to t - k) to the same x0 as a
+slowly moving target copy of itself does from the later point. diffusers ships the scheduler and
+the embedding but no trainer, so the loop is written here, on the training engine (checkpoints,
+resume, progress) and the same cached latents and text states as `sfumato train`.
+
+The folder it writes is a plain diffusers Stable Diffusion folder with an LCMScheduler; both
+`StableDiffusionPipeline` and `LatentConsistencyModelPipeline` sample it, and sfumato takes its
+default steps and guidance from the folder's sfumato.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+
+FAST_STEPS = 4  # sampling steps of a distilled folder unless the user asks otherwise
+
+
+@dataclass
+class DistillCfg:
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 2e-4  # a tiny UNet; diffusers' example uses 1e-6 for SD's 860 M parameters
+    warmup: int = 100
+    target_decay: float = 0.95  # EMA of the student that gives the targets (the example's default)
+    solver_steps: int = 50  # DDIM skipping-step schedule of the teacher: k = 1000 / 50
+    guidance_min: float = 2.0  # guidance scales the student learns (A1111 convention, 1 = none)
+    guidance_max: float = 8.0
+    huber_c: float = 0.001
+    cond_dim: int = 256  # size of the guidance embedding (the example's default)
+    pairs: int = 30_000  # ShapesWorld pairs rendered when the data is "shapesworld"
+    seed: int = 0
+    checkpoint_every: int = 250
+
+
+RANGES = {"steps": (1, 10**7), "batch_size": (1, 4096), "lr": (0, 1), "warmup": (0, 10**7),
+          "target_decay": (0, 1), "solver_steps": (2, 1000), "guidance_min": (1, 50), "guidance_max": (1, 50),
+          "huber_c": (0, 1), "cond_dim": (2, 4096), "pairs": (2, 10**7)}
+
+
+def check(cfg: DistillCfg) -> None:
+    for key, (low, high) in RANGES.items():
+        v = getattr(cfg, key)
+        if not low <= v <= high:
+            raise UsageError(f"distill {key} must be between {low:g} and {high:g}, got {v!r}")
+    if cfg.guidance_min > cfg.guidance_max:
+        raise UsageError(f"guidance range {cfg.guidance_min:g}-{cfg.guidance_max:g} is empty")
+
+
+def guidance_embedding(guidance: torch.Tensor, dim: int) -> torch.Tensor:
+    """The embedding plain diffusers feeds such a UNet at sampling time (w = guidance - 1), taken from
+    the pipeline itself so that training and sampling cannot disagree."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, guidance - 1, embedding_dim=dim)
+
+
+def student_unet(teacher, cond_dim: int):
+    """The teacher's UNet with a guidance input whose projection starts at zero: before training the
+    student computes exactly what the teacher computes for the conditional prompt."""
+    from diffusers import UNet2DConditionModel
+
+    if teacher.config.time_cond_proj_dim is not None:
+        raise UsageError("this model is already distilled (its UNet takes a guidance embedding); distil its teacher")
+    student = UNet2DConditionModel.from_config({**teacher.config, "time_cond_proj_dim": cond_dim})
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and missing == ["time_embedding.cond_proj.weight"], (missing, unexpected)
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student
+
+
+def lcm_scheduler(teacher_sampler_config: dict, solver_steps: int):
+    """The teacher's noise schedule as an LCMScheduler (trailing spacing reaches t = T-1, which a
+    zero-terminal-SNR model needs)."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_config(teacher_sampler_config, original_inference_steps=solver_steps,
+                                    timestep_spacing="trailing", clip_sample=False)
+
+
+class ConsistencyLoss:
+    """One distillation batch: the loss of the student against the target net on the teacher's step."""
+
+    def __init__(self, teacher, target, lcm, latents, text, scaling: float, cfg: DistillCfg, ema):
+        from .diffusion import predicted_eps, predicted_x0
+
+        self.teacher, self.target, self.lcm, self.cfg, self.ema = teacher, target, lcm, cfg, ema
+        self.mean, self.std = latents
+        self.states, self.rows, self.empty = text
+        self.scaling = scaling
+        self.x0, self.eps = predicted_x0, predicted_eps
+        self.kind = lcm.config.prediction_type
+        self.alphas = lcm.alphas_cumprod.float()
+        k = lcm.config.num_train_timesteps // cfg.solver_steps
+        self.k = k
+        self.ts = torch.arange(1, cfg.solver_steps + 1) * k - 1  # k-1, 2k-1, ..., T-1
+
+    def _a(self, t):
+        return self.alphas[t].view(-1, 1, 1, 1)
+
+    def _boundary(self, t):
+        c_skip, c_out = self.lcm.get_scalings_for_boundary_condition_discrete(t.float())
+        return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
+
+    def __call__(self, model, idx: np.ndarray, g: torch.Generator):
+        cfg, n = self.cfg, len(idx)
+        idx = torch.as_tensor(idx)
+        z = (self.mean[idx].float() + self.std[idx].float() * torch.randn(self.mean[idx].shape, generator=g))
+        z = z * self.scaling
+        ctx = self.states[self.rows[idx]].float()
+        t = self.ts[torch.randint(len(self.ts), (n,), generator=g)]
+        t_prev = (t - self.k).clamp(min=0)
+        noise = torch.randn(z.shape, generator=g)
+        a = self._a(t)
+        x_t = a.sqrt() * z + (1 - a).sqrt() * noise
+        guidance = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(n, generator=g)
+        w_emb = guidance_embedding(guidance, cfg.cond_dim)
+        w = (guidance - 1).view(-1, 1, 1, 1)
+
+        c_skip, c_out = self._boundary(t)
+        pred = model(x_t, t, timestep_cond=w_emb, encoder_hidden_states=ctx).sample
+        student = c_skip * x_t + c_out * self.x0(self.kind, x_t, pred, a)
+
+        with torch.no_grad():
+            # The teacher's guided estimate at t (both halves in one batch), then one DDIM step to t - k.
+            out = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                               encoder_hidden_states=torch.cat([ctx, self.empty.float().expand_as(ctx)])).sample
+            cond, uncond = out.chunk(2)
+            x0 = self.x0(self.kind, x_t, cond, a) * (1 + w) - w * self.x0(self.kind, x_t, uncond, a)
+            eps = self.eps(self.kind, x_t, cond, a) * (1 + w) - w * self.eps(self.kind, x_t, uncond, a)
+            a_prev = self._a(t_prev)
+            x_prev = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+            self.ema.copy_to(self.target.parameters())
+            c_skip_p, c_out_p = self._boundary(t_prev)
+            tgt = self.target(x_prev, t_prev, timestep_cond=w_emb, encoder_hidden_states=ctx).sample
+            target = c_skip_p * x_prev + c_out_p * self.x0(self.kind, x_prev, tgt, a_prev)
+        c = cfg.huber_c
+        loss = (torch.sqrt((student.float() - target.float()) ** 2 + c * c) - c).mean()
+        return loss, {}
+
+
+def distill(model: str | Path, out: str | Path, cfg: DistillCfg, data_source: str = "shapesworld",
+            resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+    """Distil the model folder `model` into `out`; resumable from `out`.partial/checkpoints."""
+    from diffusers.training_utils import EMAModel
+
+    from .config import DataCfg
+    from .data import load_pairs_data
+    from .diffusion import cache_latents, cache_text
+    from .engine import Engine, StageSpec
+    from .files import publish_dir
+    from .models import quiet_libraries
+    from .pipeline import load
+    from .train import _check_folders, partial_dir
+
+    check(cfg)
+    out = Path(out)
+    work = partial_dir(out)
+    _check_folders(out, work, resume, overwrite)
+    quiet_libraries()
+    torch.manual_seed(cfg.seed)
+    pipe = load(model, device="cpu")
+    if Path(model).resolve() == out.resolve():
+        raise UsageError("--out must be another folder than the model being distilled")
+    student = student_unet(pipe.unet, cfg.cond_dim)
+    data = load_pairs_data(data_source, DataCfg(res=pipe.native, shapes_n=cfg.pairs), progress=progress)
+    if not len(data.train_idx):
+        raise UsageError(f"{data_source} has no training pairs to distil on")
+    if overwrite and not resume:
+        shutil.rmtree(work, ignore_errors=True)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    latents = cache_latents(pipe.vae, data.images, progress=progress)
+    text = cache_text(pipe.tokenizer, pipe.text_encoder, data.captions)
+    lcm = lcm_scheduler(pipe.scheduler_config, cfg.solver_steps)
+    teacher = pipe.unet.eval().requires_grad_(False)
+    target = copy.deepcopy(student).eval().requires_grad_(False)
+    ema = EMAModel(student.parameters(), decay=cfg.target_decay)
+    step_loss = ConsistencyLoss(teacher, target, lcm, latents, text, pipe.vae.config.scaling_factor, cfg, ema)
+    train_idx = data.train_idx
+
+    def loss_fn(m, g):
+        pick = torch.randint(len(train_idx), (cfg.batch_size,), generator=g).numpy()
+        return step_loss(m, train_idx[pick], g)
+
+    engine = Engine(work, cfg.seed, checkpoint_every=cfg.checkpoint_every, eval_every=10**9, progress=progress)
+    t0 = time.time()
+    metrics = engine.run(StageSpec("distill", student.train(), loss_fn, cfg.steps, cfg.lr, cfg.warmup,
+                                   cfg.batch_size, ema=ema))
+    seconds = time.time() - t0
+    _write_folder(pipe, ema, student, lcm, work, cfg, metrics, seconds, Path(model))
+    publish_dir(work, out)
+    return out
+
+
+def _write_folder(pipe, ema, student, lcm, work: Path, cfg: DistillCfg, metrics: dict, seconds: float,
+                  teacher_folder: Path) -> None:
+    """The teacher's folder with the distilled UNet (the target net's weights) and an LCMScheduler."""
+    from .config import GenerationSettings
+    from .train import versions
+
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    for part in ("tokenizer", "text_encoder", "vae", "clip"):
+        if (teacher_folder / part).is_dir():
+            shutil.copytree(teacher_folder / part, work / part, dirs_exist_ok=True)
+    final = copy.deepcopy(student)
+    ema.copy_to(final.parameters())
+    final.eval().save_pretrained(work / "unet")
+    lcm.save_pretrained(work / "scheduler")
+    index = json.loads((teacher_folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    (work / "model_index.json").write_text(json.dumps(index, indent=1))
+    card_path = teacher_folder / "sfumato.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {"format": "sfumato-model/1"}
+    guidance = min(max(GenerationSettings.guidance, cfg.guidance_min), cfg.guidance_max)  # the teacher's default
+    card["generation"] = {"scheduler": "LCM", "steps": FAST_STEPS, "guidance": guidance}
+    card["distilled"] = {"teacher": str(teacher_folder), "teacher_hash": pipe.hash, "config": asdict(cfg),
+                         "seconds": round(seconds, 1), "loss": metrics.get("loss"), "versions": versions()}
+    (work / "sfumato.json").write_text(json.dumps(card, indent=1, default=str))
+
+
+__all__ = ["DistillCfg", "distill", "student_unet", "lcm_scheduler", "guidance_embedding", "FAST_STEPS"]

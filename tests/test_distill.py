@@ -1,0 +1,102 @@
+"""`sfumato distill`: latent consistency distillation of a tiny model, end to end."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from test_generate import build_tiny_sd
+
+from sfumato.cli import main
+from sfumato.distill import DistillCfg, distill, guidance_embedding, student_unet
+from sfumato.errors import UsageError
+
+QUICK = dict(steps=4, batch_size=2, pairs=24, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("distill") / "teacher")
+
+
+@pytest.fixture(scope="module")
+def fast(teacher, tmp_path_factory):
+    return distill(teacher, tmp_path_factory.mktemp("distill-out") / "fast", DistillCfg(**QUICK), progress=False)
+
+
+def test_the_student_starts_as_the_teacher(teacher):
+    import sfumato
+
+    unet = sfumato.load(teacher).unet
+    student = student_unet(unet, 256)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        a = unet(x, t, encoder_hidden_states=ctx).sample
+        b = student(x, t, timestep_cond=guidance_embedding(torch.tensor([4.0, 7.0]), 256),
+                    encoder_hidden_states=ctx).sample
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_distilled_folder_samples_in_plain_diffusers(fast):
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd = StableDiffusionPipeline.from_pretrained(fast, safety_checker=None)
+        lcm = LatentConsistencyModelPipeline.from_pretrained(fast, safety_checker=None, requires_safety_checker=False)
+    assert isinstance(sd.scheduler, LCMScheduler) and sd.unet.config.time_cond_proj_dim == 256
+    for pipe in (sd, lcm):
+        pipe.set_progress_bar_config(disable=True)
+        img = pipe("a red circle", num_inference_steps=4, guidance_scale=4.0, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+        assert img.shape == (1, 32, 32, 3) and img.std() > 0
+    card = json.loads((fast / "sfumato.json").read_text())
+    assert card["generation"]["steps"] == 4 and card["generation"]["scheduler"] == "LCM"
+    assert card["distilled"]["config"]["steps"] == QUICK["steps"]
+    assert not (fast.parent / "fast.partial").exists()
+
+
+def test_distillation_changes_the_student(teacher, fast):
+    from safetensors.torch import load_file
+
+    before = load_file(str(teacher / "unet" / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(fast / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert after["time_embedding.cond_proj.weight"].abs().sum() > 0  # the guidance input was learnt
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_interrupted_run_resumes(teacher, tmp_path, monkeypatch):
+    import sfumato.distill as d
+
+    real = d.ConsistencyLoss.__call__
+    calls = {"n": 0}
+
+    def stop_after_three(self, model, idx, g):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return real(self, model, idx, g)
+
+    monkeypatch.setattr(d.ConsistencyLoss, "__call__", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, tmp_path / "fast", DistillCfg(**QUICK), progress=False)
+    assert (tmp_path / "fast.partial" / "checkpoints" / "distill").is_dir() and not (tmp_path / "fast").exists()
+    with pytest.raises(UsageError, match="unfinished run"):
+        distill(teacher, tmp_path / "fast", DistillCfg(**QUICK), progress=False)
+    monkeypatch.setattr(d.ConsistencyLoss, "__call__", real)
+    calls["n"] = 0
+    out = distill(teacher, tmp_path / "fast", DistillCfg(**QUICK), resume=True, progress=False)
+    steps = [json.loads(line)["step"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == QUICK["steps"]
+
+
+def test_bad_requests_are_refused_in_one_line(teacher, fast, tmp_path, capsys):
+    assert main(["distill", str(fast), "--out", str(tmp_path / "x"), "--pairs", "24"]) != 0
+    assert "already distilled" in capsys.readouterr().err
+    assert main(["distill", str(teacher), "--out", str(tmp_path / "y"), "--lr", "5"]) != 0
+    assert "lr must be between" in capsys.readouterr().err
+    assert main(["distill", str(teacher), "--out", str(teacher)]) != 0
+    assert "exists" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

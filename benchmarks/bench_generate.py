@@ -1,11 +1,14 @@
 """Seconds per image: sfumato's generate() against plain diffusers on the same weights.
 
-    python benchmarks/bench_generate.py [--model DIR] [--n 20]
+    python benchmarks/bench_generate.py [--model DIR] [--n 20] [--fast DIR]
 
 Each side runs with its own defaults (sfumato: pipe.generate(GenerationSettings(prompt, seed=i)), i.e. 20 DPM++ 2M steps
 at CFG 4; diffusers: StableDiffusionPipeline.from_pretrained(model)(prompt), i.e. the folder's own
 scheduler, 50 steps at guidance 7.5), at the model's native size, after one warm-up call each.
 Each side runs in its own child process so that its peak RSS (resource.getrusage) is its own.
+With --fast (a `sfumato distill` folder of the same model), sfumato also runs that folder with its
+own defaults (LCM, few steps), and the ratio is taken against diffusers on the teacher; each sfumato
+side also reports images/s when 16 images are drawn in one batch.
 """
 
 from __future__ import annotations
@@ -50,10 +53,16 @@ def _worker(kind: str, model: str, n: int, prompt: str) -> dict:
 
         pipe = sfumato.load(model)
         device, size = pipe.device, pipe.native
-        steps, cfg = sfumato.GenerationSettings.steps, sfumato.GenerationSettings.guidance
+        base = pipe.settings(prompt)  # the folder's own defaults
+        steps, cfg, sampler = base.steps, base.guidance, base.scheduler
 
         def one(i: int):
-            return pipe.generate(sfumato.GenerationSettings(prompt, seed=i))[0]
+            return pipe.generate(pipe.settings(prompt, seed=i))[0]
+
+        def batch16() -> float:
+            t = time.perf_counter()
+            pipe.generate(pipe.settings(prompt, seed=0), n=16)
+            return 16 / (time.perf_counter() - t)
     else:
         import diffusers
 
@@ -66,9 +75,13 @@ def _worker(kind: str, model: str, n: int, prompt: str) -> dict:
         params = inspect.signature(pipe.__call__).parameters
         steps, cfg = params["num_inference_steps"].default, params["guidance_scale"].default
 
+        sampler = type(pipe.scheduler).__name__
+
         def one(i: int):
             g = torch.Generator(device).manual_seed(i)
             return pipe(prompt, height=size, width=size, generator=g).images[0]  # defaults: 50 steps, 7.5
+
+        batch16 = None
     load_s = time.perf_counter() - t0
     img = one(10_000)  # warm-up
     _sync(device)
@@ -77,17 +90,18 @@ def _worker(kind: str, model: str, n: int, prompt: str) -> dict:
         one(i)
     _sync(device)
     per_image = (time.perf_counter() - t0) / n
+    images_per_s_16 = batch16() if batch16 else None
     gpu = torch.cuda.max_memory_allocated() / 2**20 if str(device).startswith("cuda") else None
     return {"kind": kind, "device": str(device), "size": list(img.size), "steps": steps, "guidance": cfg,
-            "sampler": type(pipe.scheduler).__name__ if kind == "diffusers" else "DPM++ 2M", "load_s": load_s,
+            "sampler": sampler, "load_s": load_s, "images_per_s_batch16": images_per_s_16,
             "s_per_image": per_image, "peak_rss_mib": _peak_rss_mib(), "peak_gpu_mib": gpu,
             "torch_threads": torch.get_num_threads()}
 
 
-def _run_child(kind: str, args) -> dict:
+def _run_child(kind: str, args, model=None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, __file__, "--worker", kind, "--model", str(args.model), "--n", str(args.n),
+    cmd = [sys.executable, __file__, "--worker", kind, "--model", str(model or args.model), "--n", str(args.n),
            "--prompt", args.prompt]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
@@ -100,6 +114,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="diffusers SD folder (default: the shipped model)")
     ap.add_argument("--n", type=int, default=20, help="timed images per side (after one warm-up)")
     ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--fast", type=Path, default=None, help="a distilled folder of the same model, run with its defaults")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--worker", choices=("sfumato", "diffusers"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -119,6 +134,8 @@ def main() -> None:
         ap.error(f"--model {args.model} is not a folder")
 
     res = {k: _run_child(k, args) for k in ("sfumato", "diffusers")}
+    if args.fast:
+        res["sfumato-fast"] = {**_run_child("sfumato", args, args.fast), "kind": "fast"}
     if args.json:
         print(json.dumps(res, indent=1))
         return
@@ -126,13 +143,16 @@ def main() -> None:
     print(f"model {args.model}  ({s['size'][0]}x{s['size'][1]} px, {s['device']}, "
           f"{s['torch_threads']} torch threads, n={args.n} after 1 warm-up)")
     print(f"{'':10} {'sampler':>22} {'steps':>5} {'CFG':>4} {'s/image':>9} {'s/step':>8} {'load s':>7} "
-          f"{'peak RSS MiB':>13}" + (" peak GPU MiB" if s["peak_gpu_mib"] else ""))
-    for r in (s, d):
+          f"{'peak RSS MiB':>13} {'img/s @16':>9}" + (" peak GPU MiB" if s["peak_gpu_mib"] else ""))
+    for r in res.values():
         gpu = f" {r['peak_gpu_mib']:12.0f}" if r["peak_gpu_mib"] else ""
+        b16 = f"{r['images_per_s_batch16']:9.1f}" if r["images_per_s_batch16"] else f"{'-':>9}"
         print(f"{r['kind']:10} {r['sampler']:>22} {r['steps']:5d} {r['guidance']:4g} {r['s_per_image']:9.4f} "
-              f"{r['s_per_image'] / r['steps']:8.4f} {r['load_s']:7.2f} {r['peak_rss_mib']:13.1f}{gpu}")
-    print(f"ratio sfumato / diffusers: {s['s_per_image'] / d['s_per_image']:.3f} "
-          f"(diffusers takes {d['s_per_image'] / s['s_per_image']:.2f}x as long per image)")
+              f"{r['s_per_image'] / r['steps']:8.4f} {r['load_s']:7.2f} {r['peak_rss_mib']:13.1f} {b16}{gpu}")
+    for r in res.values():
+        if r is not d:
+            print(f"ratio {r['kind']} / diffusers: {r['s_per_image'] / d['s_per_image']:.3f} "
+                  f"(diffusers takes {d['s_per_image'] / r['s_per_image']:.1f}x as long per image)")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,10 @@ def test_shapes_then_check_with_scenes(tmp_path, capsys):
 
 
 def test_check_strict_fails_on_problem(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")  # one usable pair: no pair at all is an error
+    (tmp_path / "ok.txt").write_text("a black square")
     (tmp_path / "orphan.txt").write_text("a red circle")
     assert main(["data", "check", str(tmp_path)]) == 0
     assert main(["data", "check", str(tmp_path), "--strict"]) == 1

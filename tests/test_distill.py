@@ -10,7 +10,8 @@ import torch
 from test_generate import build_tiny_sd
 
 from sfumato.cli import main
-from sfumato.distill import DistillCfg, distill, guidance_embedding, student_unet
+from sfumato.distill import FAST_STEPS, DistillCfg, distill, student_unet
+from sfumato.sampling import guidance_embedding
 from sfumato.errors import UsageError
 
 QUICK = dict(steps=4, batch_size=2, pairs=24, checkpoint_every=2)
@@ -53,7 +54,7 @@ def test_the_distilled_folder_samples_in_plain_diffusers(fast):
                    generator=torch.Generator().manual_seed(0)).images
         assert img.shape == (1, 32, 32, 3) and img.std() > 0
     card = json.loads((fast / "sfumato.json").read_text())
-    assert card["generation"]["steps"] == 4 and card["generation"]["scheduler"] == "LCM"
+    assert card["generation"]["steps"] == FAST_STEPS and card["generation"]["scheduler"] == "LCM"
     assert card["distilled"]["config"]["steps"] == QUICK["steps"]
     assert not (fast.parent / "fast.partial").exists()
 
@@ -100,3 +101,54 @@ def test_bad_requests_are_refused_in_one_line(teacher, fast, tmp_path, capsys):
     assert main(["distill", str(teacher), "--out", str(teacher)]) != 0
     assert "exists" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_sfumato_samples_a_distilled_folder_with_its_own_settings(fast):
+    import numpy as np
+    from diffusers import LatentConsistencyModelPipeline
+
+    import sfumato
+
+    pipe = sfumato.load(fast)
+    s = pipe.settings("a red circle", seed=3)
+    assert (s.scheduler, s.steps) == ("LCM", FAST_STEPS)
+    a = pipe.generate(s)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(pipe.generate(s)[0]))  # a seed reproduces the image
+    assert "Sampler: LCM" in a.info["parameters"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = LatentConsistencyModelPipeline.from_pretrained(fast, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    b = ref("a red circle", num_inference_steps=s.steps, guidance_scale=s.guidance,
+            generator=torch.Generator().manual_seed(3)).images[0]
+    diff = np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int))
+    assert diff.max() <= 2  # the same image as plain diffusers draws from the same seed
+    with pytest.raises(UsageError, match="--scheduler LCM only"):
+        pipe.generate(pipe.settings("a red circle", scheduler="DPM++ 2M"))
+
+
+def test_generate_cli_takes_the_folder_defaults(fast, tmp_path):
+    from PIL import Image
+
+    assert main(["generate", "a red circle", "--model", str(fast), "--out", str(tmp_path / "a.png")]) == 0
+    params = Image.open(tmp_path / "a.png").info["parameters"]
+    assert f"Steps: {FAST_STEPS}" in params and "Sampler: LCM" in params
+    assert main(["generate", "a red circle", "--model", str(fast), "--steps", "2", "--out",
+                 str(tmp_path / "b.png")]) == 0
+    assert "Steps: 2" in Image.open(tmp_path / "b.png").info["parameters"]
+
+
+def test_word_maps_of_a_distilled_model(fast):
+    import sfumato
+
+    pipe = sfumato.load(fast)
+    images, maps = pipe.generate(pipe.settings("a red circle", seed=1), n=2, capture=True)
+    assert len(images) == 2 and maps.shape[0] == 2 and float(maps.abs().sum()) > 0
+
+
+def test_lcm_is_refused_for_a_model_that_is_not_distilled(teacher):
+    import sfumato
+
+    pipe = sfumato.load(teacher)
+    with pytest.raises(UsageError, match="distilled few-step models only"):
+        pipe.generate(pipe.settings("a red circle", scheduler="LCM"))

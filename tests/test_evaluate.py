@@ -143,6 +143,11 @@ class FakePipe:
     def __init__(self, draw):
         self.draw, self.calls = draw, []
 
+    def settings(self, prompt, **given):
+        from sfumato.config import GenerationSettings
+
+        return GenerationSettings(prompt, **{k: v for k, v in given.items() if v is not None})
+
     def generate(self, settings, n=1, **kw):
         self.calls.append((settings.prompt, settings.seed, settings.steps))
         return [self.draw(settings.prompt, settings.seed + i) for i in range(n)]

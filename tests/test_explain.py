@@ -24,7 +24,7 @@ from sfumato.errors import UsageError
 from sfumato.config import GenerationSettings as S
 from sfumato.shapesworld.render import Obj, Scene, make_scene, render
 from searchkit import make_images, make_tiny_model
-from test_generate import build_tiny_sd
+from test_generate import build_tiny_sd, same_up_to_rounding
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes from diffusers' schedulers
 
@@ -222,7 +222,8 @@ def test_capturing_processor_does_not_change_the_unet_output(pipe):
 def test_word_maps_image_equals_plain_generation(pipe):
     wm = explain.word_maps(pipe, S(PROMPT, seed=1, steps=3))
     plain = pipe.generate(S(PROMPT, seed=1, steps=3))[0]
-    assert np.array_equal(px(wm.image), px(plain))
+    # the recording attention processor may sum in another order than the default one
+    assert same_up_to_rounding(wm.image, plain)
     assert wm.image.info["parameters"] == plain.info["parameters"]
 
 
@@ -254,17 +255,13 @@ def test_word_maps_one_per_word_in_order(pipe):
     assert np.allclose(wm.maps, want.numpy(), atol=1e-5)
 
 
-def test_word_maps_of_a_long_prompt_keep_only_words_that_fit(pipe):
+def test_word_maps_of_a_long_prompt_cover_every_chunk(pipe):
+    """A prompt past the context is encoded in chunks (sfumato.prompts): every word gets its map."""
     tok = pipe.tokenizer
     assert len(tok(LONG_PROMPT).input_ids) > tok.model_max_length
-    with pytest.warns(UserWarning, match="dropped"):
-        wm = explain.word_maps(pipe, S(LONG_PROMPT, steps=2))
-    words = LONG_PROMPT.split()
-    n = len(wm.words)
-    assert 0 < n < len(words) and wm.words == words[:n]
-    assert len(tok(" ".join(words[:n])).input_ids) <= tok.model_max_length
-    assert len(tok(" ".join(words[:n + 1])).input_ids) > tok.model_max_length
-    assert wm.maps.shape == (n, pipe.native, pipe.native)
+    wm = explain.word_maps(pipe, S(LONG_PROMPT, steps=2))
+    assert wm.words == LONG_PROMPT.split()
+    assert wm.maps.shape == (len(wm.words), pipe.native, pipe.native)
 
 
 def test_word_maps_save(pipe, tmp_path):

@@ -21,7 +21,7 @@ import sfumato
 from sfumato.cli import main
 from sfumato.errors import SfumatoError, UsageError
 from sfumato.config import GenerationSettings as S
-from sfumato.pipeline import SCHEDULERS, GenerationSettings, parse_parameters
+from sfumato.pipeline import DISTILLED_ONLY, SCHEDULERS, GenerationSettings, parse_parameters
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes from diffusers' schedulers
 
@@ -223,7 +223,7 @@ def test_one_prompt_per_image(pipe):
         pipe.generate(S("x", steps=3), prompts=[])
 
 
-@pytest.mark.parametrize("name", list(SCHEDULERS))
+@pytest.mark.parametrize("name", [n for n in SCHEDULERS if n not in DISTILLED_ONLY])
 def test_seed_alone_determines_pixels_for_every_scheduler(pipe, name):
     torch.manual_seed(1)  # the global RNG must not matter
     a = pipe.generate(S(PROMPT, seed=3, steps=4, scheduler=name), n=2)
@@ -239,7 +239,7 @@ def test_seed_alone_determines_pixels_for_every_scheduler(pipe, name):
 # ---------------------------------------------------------------- schedulers
 
 
-@pytest.mark.parametrize("name", list(SCHEDULERS))
+@pytest.mark.parametrize("name", [n for n in SCHEDULERS if n not in DISTILLED_ONLY])
 def test_every_scheduler_runs(pipe, name):
     seen = []
     img = pipe.generate(S(PROMPT, steps=3, scheduler=name), callback=seen.append)[0]
@@ -399,27 +399,15 @@ def test_png_out_with_several_images(model_dir, tmp_path, capsys):
 # ---------------------------------------------------------------- long prompts
 
 
-def test_long_prompt_warns_naming_dropped_words(model_dir, pipe, tmp_path, capsys):
+def test_long_prompt_is_encoded_whole_without_a_warning(model_dir, pipe, tmp_path, capsys):
+    """Past the context, a prompt is encoded in chunks (AUTOMATIC1111's way), not cut: tests/test_prompts.py."""
     tok = pipe.tokenizer
-    ids = tok(LONG_PROMPT, truncation=False).input_ids
-    assert len(ids) > tok.model_max_length  # the prompt really is too long
-    with pytest.warns(UserWarning, match="dropped") as rec:
-        pipe.generate(S(LONG_PROMPT, steps=2))
-    msg = next(str(w.message) for w in rec if "dropped" in str(w.message))
-    dropped = re.search(r"dropped: '(.*)'$", msg).group(1)
-    assert dropped and LONG_PROMPT.endswith(dropped) and dropped != LONG_PROMPT
-    assert dropped.endswith("three yellow crosses") and not dropped.startswith("a small red")
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        pipe.generate(S(PROMPT, steps=2))  # a short prompt does not warn
-
+    assert len(tok(LONG_PROMPT, truncation=False).input_ids) > tok.model_max_length  # really too long
     assert cli("generate", LONG_PROMPT, "--model", model_dir, "--steps", 2, "--out", tmp_path / "o.png") == 0
     err = capsys.readouterr().err
-    assert "warning:" in err and "dropped:" in err and "Traceback" not in err
-    assert flat(dropped) in flat(err)
-    line = one_line(err)
-    assert line.startswith("warning: ") and dropped in line
+    assert "warning" not in err and "dropped" not in err and "Traceback" not in err
+    with Image.open(tmp_path / "o.png") as im:
+        assert parse_parameters(im.info["parameters"])["prompt"] == LONG_PROMPT
 
 
 # ---------------------------------------------------------------- bad input
@@ -451,6 +439,37 @@ def _bad_weights(tmp: Path, model_dir: Path) -> Path:
     return dst
 
 
+def _inpainting(tmp: Path, model_dir: Path) -> Path:
+    """A Stable Diffusion inpainting folder: its UNet takes latents, mask and masked-image latents (9 channels)."""
+    from diffusers import UNet2DConditionModel
+
+    dst = tmp / "inputs" / "inpainting"
+    shutil.copytree(model_dir, dst)
+    cfg = dict(UNet2DConditionModel.load_config(model_dir / "unet"), in_channels=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        UNet2DConditionModel.from_config(cfg).save_pretrained(dst / "unet", safe_serialization=True)
+    return dst
+
+
+def _pickle_only(tmp: Path, model_dir: Path) -> Path:
+    """A folder whose UNet weights are a pickle .bin file only."""
+    from diffusers import UNet2DConditionModel
+
+    dst = tmp / "inputs" / "pickled"
+    shutil.copytree(model_dir, dst)
+    UNet2DConditionModel.from_pretrained(model_dir / "unet").save_pretrained(dst / "unet", safe_serialization=False)
+    (dst / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    assert (dst / "unet" / "diffusion_pytorch_model.bin").is_file()
+    return dst
+
+
+def _single_file(tmp: Path, model_dir: Path) -> Path:
+    dst = tmp / "inputs" / "model.safetensors"
+    shutil.copy(model_dir / "unet" / "diffusion_pytorch_model.safetensors", dst)
+    return dst
+
+
 def _comments_only(tmp: Path) -> Path:
     p = tmp / "inputs" / "prompts.txt"
     p.write_text("# nothing here\n\n", encoding="utf-8")
@@ -477,6 +496,12 @@ BAD_INPUTS = [
      ["no-such-model", "does not exist"]),
     ("model-without-unet", lambda t, m, i: [PROMPT, "--model", _no_unet(t, m)], {2}, ["unet"]),
     ("model-bad-weights", lambda t, m, i: [PROMPT, "--model", _bad_weights(t, m)], {1}, ["cannot load model"]),
+    ("model-inpainting", lambda t, m, i: [PROMPT, "--model", _inpainting(t, m)], {2},
+     ["9 input channels", "inpainting", "4 latent channels", "--mask"]),
+    ("model-pickle-weights", lambda t, m, i: [PROMPT, "--model", _pickle_only(t, m)], {2},
+     ["diffusion_pytorch_model.bin", "pickle", "run code", "save_pretrained", "safe_serialization=True"]),
+    ("model-single-file", lambda t, m, i: [PROMPT, "--model", _single_file(t, m)], {2},
+     ["single-file checkpoint", "from_single_file"]),
     ("prompts-file-empty", lambda t, m, i: ["--prompts", _comments_only(t), "--model", m], {2}, ["no prompts"]),
     ("prompt-and-prompts", lambda t, m, i: [PROMPT, "--prompts", _comments_only(t), "--model", m], {2}, ["not both"]),
 ]
@@ -515,3 +540,50 @@ def test_library_rejects_bad_settings(pipe, init_image):
         pipe.generate(S(PROMPT), mask=Image.new("L", (32, 32)))
     with pytest.raises(UsageError, match="must match"):
         pipe.generate(S(PROMPT, steps=2), init_image=init_image, mask=Image.new("L", (16, 16)))
+
+
+# ---------------------------------------------------------------- messages
+
+
+def test_audit_says_why_no_judge_applies(model_dir, tmp_path, capsys):
+    """A prompt outside ShapesWorld with a model that has a CLIP: the reason is not "no CLIP model"."""
+    from searchkit import make_tiny_model
+
+    from sfumato import explain
+
+    model = tmp_path / "with-clip"
+    shutil.copytree(model_dir, model)
+    make_tiny_model(tmp_path / "clip-src")
+    shutil.copytree(tmp_path / "clip-src" / "clip", model / "clip")
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(img)
+    assert cli("explain", "audit", img, "--prompt", "a photo of a dog on the beach", "--model", model, "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0]["ok"] is None
+    reason = rows[0]["reason"]
+    assert "no CLIP model" not in reason and "ShapesWorld" in reason and "CLIP to swap" in reason
+    assert "attention" in reason
+    alone = explain.audit(Image.new("RGB", (32, 32)), "a photo of a dog")[0].reason  # no CLIP given at all
+    assert "no CLIP model" in alone and "attention" not in alone
+
+
+def test_train_lists_every_config_key_with_default_and_range(capsys):
+    import dataclasses
+
+    from sfumato.config import RANGES, TrainCfg
+
+    assert main(["train", "--list-keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def keys(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            yield from keys(v, f"{prefix}{f.name}.") if dataclasses.is_dataclass(v) else [(prefix + f.name, v)]
+
+    want = list(keys(TrainCfg()))
+    assert [l.split(" = ")[0] for l in lines] == [k for k, _ in want]
+    for line, (key, default) in zip(lines, want):
+        assert line.startswith(f"{key} = {default!r}"), line
+        if key in RANGES:
+            assert f"[{RANGES[key][0]:g} to" in line or f"[{RANGES[key][0]} to" in line, line
+    assert any(l.startswith("unet.lr = ") and "presets: " in l and "small 0.002" in l for l in lines)

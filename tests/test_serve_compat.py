@@ -1,15 +1,26 @@
 """The compatible endpoints: AUTOMATIC1111's /sdapi/v1 and clip-retrieval's back-end API, with the
-request fields and response shapes their clients read."""
+request fields and response shapes their clients read. clip-retrieval's own client is used unchanged
+(`pip install --no-deps clip-retrieval`, or SFUMATO_CLIP_RETRIEVAL_WHEEL=its .whl); tests that need an
+optional tool skip without it, unless SFUMATO_REQUIRE names it (CI provides them): then they fail.
+"""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import importlib.util
 import io
 import json
+import os
+import socket
+import threading
 import time
+import types
+import zipfile
+from pathlib import Path
 
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageChops, PngImagePlugin
 
 pytest.importorskip("fastapi")
 from test_serve import blocker, build_kit, detail, make_client, png_b64, sample_b64, wait_ready  # noqa: E402
@@ -31,6 +42,58 @@ def client(kit):
 
 def b64_image(text: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(text)))
+
+
+def need(what: str, present: bool, hint: str) -> None:
+    """Skip when an optional tool is missing, or fail when SFUMATO_REQUIRE says it must be there."""
+    if present:
+        return
+    if what in os.environ.get("SFUMATO_REQUIRE", "").split():
+        pytest.fail(f"{what} is missing but SFUMATO_REQUIRE requires it ({hint})")
+    pytest.skip(f"{what} is not installed ({hint})")
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """The app served by uvicorn on a free loopback port, in a thread: real sockets, for clients that
+    open their own connections and for clients that hang up."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    end = time.time() + 30
+    while not server.started:
+        assert time.time() < end and t.is_alive()
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        t.join(10)
+
+
+@pytest.fixture(scope="module")
+def live(kit):
+    from sfumato.server import create_app
+
+    models = kit["models"]
+    app = create_app(lambda: models)
+    with live_server(app) as url:
+        yield url, app
+
+
+def txt2img(client, **body):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 3, "seed": 5, **body})
+    assert r.status_code == 200, r.json()
+    return r.json()
+
+
+def pixels(out: dict, i: int = 0) -> bytes:
+    return b64_image(out["images"][i]).convert("RGB").tobytes()
 
 
 # ---------------------------------------------------------------- AUTOMATIC1111
@@ -143,6 +206,210 @@ def test_png_info(client):
     assert plain["info"] == "" and plain["parameters"] == {}
 
 
+# webuiapi's txt2img payload with its defaults (webuiapi 0.9), but 64 px and 2 steps to be quick
+WEBUIAPI_TXT2IMG = {
+    "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "hr_resize_x": 0,
+    "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "",
+    "hr_negative_prompt": "", "denoising_strength": 0.7, "firstphase_width": 0, "firstphase_height": 0,
+    "prompt": "a red circle", "styles": [], "seed": -1, "subseed": -1, "subseed_strength": 0.0,
+    "seed_resize_from_h": 0, "seed_resize_from_w": 0, "batch_size": 1, "n_iter": 1, "steps": 2, "cfg_scale": 7.0,
+    "width": 64, "height": 64, "restore_faces": False, "tiling": False, "do_not_save_samples": False,
+    "do_not_save_grid": False, "negative_prompt": "", "eta": 1.0, "s_churn": 0, "s_tmax": 0, "s_tmin": 0,
+    "s_noise": 1, "override_settings": {}, "override_settings_restore_afterwards": True, "sampler_name": "Euler a",
+    "scheduler": "automatic", "sampler_index": "Euler a", "script_name": None, "script_args": [],
+    "send_images": True, "save_images": False, "alwayson_scripts": {},
+}
+
+
+def test_webuiapi_defaults_pass_and_a_foreign_size_is_warned(client):
+    info = json.loads(txt2img(client, **WEBUIAPI_TXT2IMG)["info"])
+    assert info["width"] == 64 and info["sampler_name"] == "Euler a"
+    assert len(info["warnings"]) == 1 and "native size 32x32" in info["warnings"][0]
+    assert json.loads(txt2img(client)["info"])["warnings"] == []  # native size: nothing to say
+
+
+def test_schedulers_endpoint_and_scheduler_field(client):
+    listed = client.get("/sdapi/v1/schedulers").json()
+    assert [(s["name"], s["label"]) for s in listed] == [("automatic", "Automatic"), ("uniform", "Uniform"),
+                                                           ("karras", "Karras")]
+    plain = txt2img(client, sampler_name="DPM++ 2M")
+    karras = txt2img(client, sampler_name="DPM++ 2M", scheduler="Karras")
+    assert pixels(karras) != pixels(plain)
+    assert pixels(karras) == pixels(txt2img(client, sampler_name="DPM++ 2M Karras"))
+    assert json.loads(karras["info"])["sampler_name"] == "DPM++ 2M Karras"
+    assert "Sampler: DPM++ 2M Karras" in json.loads(karras["info"])["infotexts"][0]
+    for same in ("Automatic", "automatic", "uniform"):
+        assert pixels(txt2img(client, sampler_name="DPM++ 2M", scheduler=same)) == pixels(plain)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"sampler_name": "Euler", "scheduler": "Karras"}, "scheduler 'Karras' is available with sampler DPM++ 2M"),
+    ({"scheduler": "Exponential"}, "scheduler 'Exponential' is not available; choose from Automatic, Uniform, Karras"),
+    ({"sampler_name": "DPM++ 2M Karras", "scheduler": "Uniform"}, "scheduler 'Uniform' contradicts"),
+])
+def test_scheduler_refused(client, body, needle):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", **body})
+    assert r.status_code == 422 and needle in detail(r), r.json()
+
+
+def test_send_images_false(client):
+    out = txt2img(client, send_images=False, batch_size=2)
+    assert out["images"] == [] and json.loads(out["info"])["all_seeds"] == [5, 6]
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("txt2img", {"restore_faces": True}, "restore_faces"),
+    ("txt2img", {"styles": ["cinematic"]}, "styles"),
+    ("txt2img", {"subseed": 3, "subseed_strength": 0.5}, "subseed_strength"),
+    ("txt2img", {"seed_resize_from_w": 640}, "seed_resize_from_w"),
+    ("txt2img", {"tiling": True}, "tiling"),
+    ("txt2img", {"sampler_name": "Euler a", "eta": 0.5}, "eta"),
+    ("txt2img", {"sampler_name": "DDIM", "eta": 1.0}, "eta"),
+    ("txt2img", {"s_churn": 0.5}, "s_churn"),
+    ("txt2img", {"s_noise": 1.003}, "s_noise"),
+    ("txt2img", {"s_min_uncond": 0.2}, "s_min_uncond"),
+    ("txt2img", {"script_name": "x/y/z plot"}, "script_name"),
+    ("txt2img", {"alwayson_scripts": {"ADetailer": {"args": [True]}}}, "alwayson_scripts"),
+    ("txt2img", {"override_settings": {"sd_vae": "vae-ft-mse-840000.safetensors"}}, "override_settings.sd_vae"),
+    ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings.CLIP_stop_at_last_layers"),
+    ("txt2img", {"override_settings": {"img2img_fix_steps": True}}, "override_settings.img2img_fix_steps"),
+    ("txt2img", {"save_images": True}, "save_images"),
+    ("txt2img", {"refiner_checkpoint": "sd_xl_refiner_1.0"}, "refiner_checkpoint"),
+    ("txt2img", {"infotext": "a cat\nSteps: 20"}, "infotext"),
+    ("txt2img", {"firstphase_width": 16}, "firstphase_width"),
+    ("txt2img", {"enable_hr": True, "hr_upscaler": "Latent"}, "hr_upscaler"),
+    ("txt2img", {"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+    ("txt2img", {"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "hr_checkpoint_name"),
+    ("txt2img", {"enable_hr": True, "hr_scale": 1.1}, "multiple of 4"),
+    ("txt2img", {"distilled_cfg_scale": 3.5}, "distilled_cfg_scale: Extra inputs are not permitted"),
+    ("img2img", {"enable_hr": True}, "enable_hr: Extra inputs are not permitted"),
+    ("img2img", {"resize_mode": 3}, "resize_mode"),
+    ("img2img", {"mask": "MASK", "inpainting_fill": 2}, "inpainting_fill"),
+    ("img2img", {"mask": "MASK", "mask_round": False}, "mask_round"),
+    ("img2img", {"initial_noise_multiplier": 1.2}, "initial_noise_multiplier"),
+    ("img2img", {"latent_mask": "MASK"}, "latent_mask"),
+])
+def test_what_sfumato_cannot_do_is_refused_by_name(client, kit, path, body, field):
+    base = {"prompt": "a red circle", "steps": 2}
+    if path == "img2img":
+        base["init_images"] = [sample_b64(kit)]
+        if body.get("mask") == "MASK" or body.get("latent_mask") == "MASK":
+            body = {k: png_b64(Image.new("L", (32, 32), 255)) if v == "MASK" else v for k, v in body.items()}
+    r = client.post(f"/sdapi/v1/{path}", json={**base, **body})
+    assert r.status_code == 422 and field in detail(r), r.json()
+
+
+def test_hires_fix(client):
+    first = txt2img(client, sampler_name="Euler")
+    plain = b64_image(first["images"][0]).convert("RGB")
+    body = {"sampler_name": "Euler", "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Lanczos",
+            "hr_second_pass_steps": 4}
+    # no second pass at strength 0: the first pass, upscaled
+    same = txt2img(client, denoising_strength=0, **body)
+    assert pixels(same) == plain.resize((64, 64), Image.LANCZOS).tobytes()
+    out = txt2img(client, denoising_strength=0.6, batch_size=2, **body)
+    info = json.loads(out["info"])
+    assert [b64_image(i).size for i in out["images"]] == [(64, 64)] * 2 and info["all_seeds"] == [5, 6]
+    assert info["width"] == 32 and info["denoising_strength"] == 0.6  # AUTOMATIC1111: the first pass's size
+    text = info["infotexts"][1]
+    for needle in ("Size: 32x32", "Seed: 6", "Hires upscale: 2", "Hires steps: 4", "Hires upscaler: Lanczos",
+                   "Denoising strength: 0.6"):
+        assert needle in text, text
+    assert b64_image(out["images"][1]).info["parameters"] == text
+    assert pixels(out) != pixels(same)
+    sized = txt2img(client, enable_hr=True, hr_resize_x=48, hr_upscaler="Nearest", hr_sampler_name="DDIM",
+                    hr_prompt="a blue circle")
+    assert b64_image(sized["images"][0]).size == (48, 48)
+    text = json.loads(sized["info"])["infotexts"][0]
+    assert "Hires resize: 48x0" in text and "Hires sampler: DDIM" in text and 'Hires prompt: "a blue circle"' in text
+
+
+def test_img2img_resize_modes(client, kit):
+    wide = Image.new("RGB", (64, 32), (200, 0, 0))
+    wide.paste((0, 0, 200), (0, 0, 16, 32))  # a blue band on the left quarter
+    for mode in (0, 1, 2):
+        body = {"prompt": "a red circle", "init_images": [png_b64(wide)], "resize_mode": mode, "steps": 4,
+                "denoising_strength": 0}  # strength 0: the fitted init image comes back
+        out = client.post("/sdapi/v1/img2img", json=body).json()
+        img = b64_image(out["images"][0]).convert("RGB")
+        assert img.size == (32, 32)
+        left = img.getpixel((1, 16))
+        if mode == 1:  # crop the middle: the blue band is cut off
+            assert left[0] > 150 and left[2] < 50, left
+        else:  # stretched or fitted: blue on the left
+            assert left[2] > 150, (mode, left)
+        if mode == 2:  # fitted 32x16 in the middle, the edges stretched into the rest
+            assert img.getpixel((1, 1))[2] > 150
+
+
+def test_inpainting_blur_invert_fill_and_only_masked(client, kit):
+    init = Image.open(sorted(kit["images"].glob("*.png"))[0]).convert("RGB")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (16, 0, 32, 32))
+    body = {"prompt": "a blue square", "init_images": [png_b64(init)], "mask": png_b64(mask), "steps": 4,
+            "seed": 3, "denoising_strength": 0.9}
+
+    def run(**kw):
+        r = client.post("/sdapi/v1/img2img", json={**body, **kw})
+        assert r.status_code == 200, r.json()
+        return b64_image(r.json()["images"][0]).convert("RGB"), json.loads(r.json()["info"])
+
+    hard, _ = run()
+    soft, info = run(mask_blur=4)
+    assert "Mask blur: 4" in info["infotexts"][0]
+    assert soft.crop((0, 0, 6, 32)).tobytes() == init.crop((0, 0, 6, 32)).tobytes()  # beyond the blur: kept
+    assert soft.crop((12, 0, 16, 32)).tobytes() != init.crop((12, 0, 16, 32)).tobytes()  # the edge fades
+    inverted, _ = run(inpainting_mask_invert=1)
+    assert inverted.crop((16, 0, 32, 32)).tobytes() == init.crop((16, 0, 32, 32)).tobytes()
+    assert inverted.crop((0, 0, 16, 32)).tobytes() != init.crop((0, 0, 16, 32)).tobytes()
+    filled, info = run(inpainting_fill=0)
+    assert "Masked content: fill" in info["infotexts"][0] and filled.tobytes() != hard.tobytes()
+    assert filled.crop((0, 0, 16, 32)).tobytes() == init.crop((0, 0, 16, 32)).tobytes()
+    small = Image.new("L", (32, 32), 0)
+    small.paste(255, (20, 20, 26, 26))
+    only, info = run(mask=png_b64(small), inpaint_full_res=True, inpaint_full_res_padding=2)
+    assert "Inpaint area: Only masked" in info["infotexts"][0]
+    diff = ImageChops.difference(only, init).getbbox()
+    assert diff is not None and 18 <= diff[0] and 18 <= diff[1]  # only around the mask
+
+
+def test_webuiapi_img2img_defaults_with_a_mask_pass(client, kit):
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    body = {**{k: v for k, v in WEBUIAPI_TXT2IMG.items() if not k.startswith(("hr_", "enable_hr", "firstphase"))},
+            "init_images": [sample_b64(kit)], "mask": png_b64(mask), "resize_mode": 0, "denoising_strength": 0.75,
+            "image_cfg_scale": 1.5, "mask_blur": 4, "inpainting_fill": 0, "inpaint_full_res": True,
+            "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0, "initial_noise_multiplier": 1,
+            "include_init_images": False, "width": 32, "height": 32}
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.json()
+    assert b64_image(r.json()["images"][0]).size == (32, 32)
+
+
+def test_client_that_hangs_up_has_its_job_cancelled(live):
+    url, app = live
+    server = app.state.server
+    _, release = blocker(server)  # the lane is busy: the request's job waits behind it
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps({"prompt": "a red circle", "steps": 5}).encode()
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        end = time.time() + 30
+        while server.queue.pending() < 2:  # the blocker and the request's job
+            assert time.time() < end
+            time.sleep(0.01)
+        job = next(j for j in list(server.queue._jobs.values()) if j.kind == "generate" and not j.done.is_set())
+        sock.close()
+        while not job.done.is_set():
+            assert time.time() < end, "the job of a client that hung up was not cancelled"
+            time.sleep(0.01)
+        assert job.status == "cancelled" and server.queue.pending() == 1
+    finally:
+        release.set()
+
+
 # ---------------------------------------------------------------- clip-retrieval
 
 
@@ -181,3 +448,55 @@ def test_metadata(client):
     out = client.post("/metadata", json={"ids": [0, 3, 999], "indice_name": "shapes"}).json()
     assert [m["id"] for m in out["metadata"]] == [0, 3]
     assert isinstance(out["metadata"][0]["metadata"]["caption"], str)
+
+
+def clip_client_module() -> types.ModuleType:
+    """clip-retrieval's own client module, unchanged, from the wheel SFUMATO_CLIP_RETRIEVAL_WHEEL names or
+    from an installed clip-retrieval. Only its file is loaded: the package's __init__ imports the whole
+    back end (flask, faiss, torch models), which the client does not need."""
+    need("requests", importlib.util.find_spec("requests") is not None, "pip install requests")
+    wheel = os.environ.get("SFUMATO_CLIP_RETRIEVAL_WHEEL")
+    if wheel:
+        path = f"{wheel}/clip_retrieval/clip_client.py"
+        with zipfile.ZipFile(wheel) as z:
+            source = z.read("clip_retrieval/clip_client.py")
+    else:
+        found = importlib.util.find_spec("clip_retrieval")
+        need("clip-retrieval", found is not None,
+             "pip install --no-deps clip-retrieval, or SFUMATO_CLIP_RETRIEVAL_WHEEL=its .whl")
+        path = str(Path(found.origin).with_name("clip_client.py"))
+        source = Path(path).read_bytes()
+    module = types.ModuleType("clip_client")
+    exec(compile(source, path, "exec"), module.__dict__)
+    return module
+
+
+def test_clip_retrieval_client_unchanged(live, kit):
+    """Its defaults: no Content-Type, aesthetic_score 9 and weight 0.5, safety and violence filters on."""
+    url, _ = live
+    client = clip_client_module().ClipClient(url=url + "/knn-service", indice_name="shapes", num_images=3)
+    by_text = client.query(text="a red circle")
+    assert isinstance(by_text, list) and len(by_text) == 3, by_text
+    assert {"id", "similarity", "caption", "image"} <= set(by_text[0])
+    assert b64_image(by_text[0]["image"]).size == (32, 32)
+    picture = sorted(kit["images"].glob("*.png"))[4]
+    by_image = client.query(image=str(picture))  # the client reads the file and sends it as base64
+    assert by_image[0]["id"] == 4 and by_image[0]["similarity"] > 0.999
+    vec = kit["models"].embedder.embed_texts(["a red circle"])[0].tolist()
+    assert [h["id"] for h in client.query(embedding_input=vec)] == [h["id"] for h in by_text]
+
+
+def test_knn_service_reads_any_body_as_json(client):
+    """clip-retrieval's web page posts JSON as text/plain, with its aesthetic fields as strings."""
+    body = {"text": "a red circle", "modality": "image", "num_images": 2, "indice_name": "shapes",
+            "aesthetic_score": "", "aesthetic_weight": "0.5"}
+    r = client.post("/knn-service", content=json.dumps(body), headers={"Content-Type": "text/plain;charset=UTF-8"})
+    assert r.status_code == 200 and len(r.json()) == 2, r.json()
+    r = client.post("/knn-service", json={**body, "aesthetic_score": "pretty"})
+    assert r.status_code == 422 and "aesthetic_score" in detail(r)
+    r = client.post("/knn-service", content=b"{not json", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 422 and "JSON" in detail(r)
+    r = client.post("/metadata", content=json.dumps({"ids": [1], "indice_name": "shapes"}))
+    assert r.status_code == 200 and r.json()["metadata"][0]["id"] == 1
+    schema = client.get("/openapi.json").json()["paths"]["/knn-service"]["post"]["requestBody"]
+    assert "num_images" in schema["content"]["application/json"]["schema"]["properties"]

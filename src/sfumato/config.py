@@ -341,3 +341,4 @@ def parse_parameters(text: str) -> dict:
         if sep:
             out[k] = v
     return out
+

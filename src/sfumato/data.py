@@ -1,7 +1,8 @@
 """Training data in memory: images as one uint8 tensor, captions, a held-out split, a fingerprint.
 
-Sources: a folder or manifest of pairs (see `pairs.py`), or "shapesworld" for pairs generated on
-the fly (`DataCfg.shapes_n`, `DataCfg.shapes_seed`).
+Sources: a folder or manifest of pairs, Hugging Face imagefolders included (see `pairs.py`; a
+`pairs.PairSource` names a manifest's columns), or "shapesworld" for pairs generated on the fly
+(`DataCfg.shapes_n`, `DataCfg.shapes_seed`).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def load_pairs_data(source: str, cfg: DataCfg, strict: bool = False, progress: b
     """Load every pair of `source` at cfg.res; raise UsageError on an empty data set."""
     if source == "shapesworld":
         return _shapesworld(cfg, progress)
-    from .pairs import Problem, open_image, read_pairs
+    from .pairs import Problem, open_image, read_pairs, require_pairs
 
     report = read_pairs(source, strict=strict, max_pixels=cfg.max_pixels, verify_images=False, progress=progress)
     images, captions, ids, sizes = [], [], [], set()
@@ -107,7 +108,8 @@ def load_pairs_data(source: str, cfg: DataCfg, strict: bool = False, progress: b
         st = p.path.stat()
         h.update(f"{p.id}\0{p.caption}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     if not images:
-        raise UsageError(f"no usable image-caption pairs in {source} ({len(report.problems)} problems)")
+        report.pairs = []
+        require_pairs(report, source)
     holdout = np.array([_in_holdout(i, cfg.holdout) for i in ids])
     stats = {"pairs": len(images), "skipped": len(report.problems), "sizes": len(sizes),
              "resized": sum(s != (cfg.res, cfg.res) for s in sizes)}

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import GenerationSettings
 from .progress import start_progress
 from .shapesworld import spec
 
@@ -72,16 +71,18 @@ def summarize(verdicts: list[dict]) -> dict:
 
 
 def evaluate_compositional(pipe, out: Path, per_category: int = 50, seed: int = 0,
-                           steps: int = GenerationSettings.steps, guidance: float = GenerationSettings.guidance,
-                           scheduler: str = GenerationSettings.scheduler,
+                           steps: int | None = None, guidance: float | None = None, scheduler: str | None = None,
                            categories: tuple[str, ...] = spec.CATEGORIES, progress: bool = True) -> dict:
-    """Generate, judge and report; returns the results dict also written to out/results.json."""
+    """Generate, judge and report; returns the results dict also written to out/results.json.
+    Steps, guidance and sampler default to the model's own (Pipeline.settings)."""
     from PIL import Image
 
     from .images import save_png
     from .shapesworld.checker import judge
     from .viz import make_grid
 
+    s = pipe.settings("", steps=steps, guidance=guidance, scheduler=scheduler)
+    steps, guidance, scheduler = s.steps, s.guidance, s.scheduler
     prompts = evaluation_prompts(per_category, seed, categories)
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
@@ -91,8 +92,8 @@ def evaluate_compositional(pipe, out: Path, per_category: int = 50, seed: int = 
     bar, task = start_progress(len(prompts), "generating and judging") if progress else (None, None)
     try:
         for k, (category, prompt) in enumerate(prompts):
-            img = pipe.generate(GenerationSettings(prompt, seed=seed + k, steps=steps, guidance=guidance,
-                                                   scheduler=scheduler))[0]
+            img = pipe.generate(pipe.settings(prompt, seed=seed + k, steps=steps, guidance=guidance,
+                                              scheduler=scheduler))[0]
             v = judge(img, prompt)
             name = f"{category}-{k:05d}.png"
             save_png(img, out / "images" / name)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .attention import capture_cross_attention, normalise, word_token_spans
+from .attention import capture_cross_attention, normalise
 from .config import GenerationSettings
 from .data import to_model_range
 from .errors import UsageError
@@ -84,9 +84,15 @@ class WordMaps:
 
 def token_maps_to_words(tokenizer, text: str, maps: torch.Tensor, content_only: bool = False):
     """(T, H, W) token maps -> [(word, (H, W) map)], each word's tokens summed; start/end tokens
-    never enter. With content_only, stop words are dropped."""
+    never enter. With content_only, stop words are dropped. The text is read as the pipeline encodes
+    it: weights and brackets are not words, and a long prompt's words are found in every chunk."""
+    from .prompts import tokenize
+
     out = []
-    for word, span in word_token_spans(tokenizer, text):
+    for word, span in tokenize(tokenizer, text).words:
+        span = [p for p in span if p < maps.shape[0]]
+        if not span:
+            continue
         key = re.sub(r"[^\w]", "", word.lower())
         if not key or (content_only and key in STOPWORDS):
             continue
@@ -372,8 +378,21 @@ def audit(image: Image.Image, prompt: str, pipe=None, embedder=None) -> list[Aud
     if pipe is not None:
         rows += attention_rows(pipe, image, prompt)
     if not rows:
-        rows.append(AuditRow(prompt, None, "no judge applies: not a ShapesWorld prompt and no CLIP model", "none"))
+        rows.append(AuditRow(prompt, None, "no judge applies: " + "; ".join(_why_no_judge(prompt, pipe, embedder)),
+                             "none"))
     return rows
+
+
+def _why_no_judge(prompt: str, pipe, embedder) -> list[str]:
+    """Why each judge had nothing to say about this prompt."""
+    why = ["not a ShapesWorld prompt, the only kind the scene checker reads"]
+    if embedder is None:
+        why.append("no CLIP model (clip/) for zero-shot checks")
+    else:
+        why.append("no colour, shape, number, size, digit or relation word for CLIP to swap")
+    if pipe is not None:
+        why.append("no relation between two things for the attention check")
+    return why
 
 
 # ---------------------------------------------------------------- nearest training images

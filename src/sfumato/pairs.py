@@ -1,12 +1,16 @@
 """Read a user's own corpus of image-caption pairs and report what is wrong with it.
 
-Two source kinds are understood:
+Three source kinds are understood:
 
 * a folder where every image (``.png .jpg .jpeg .webp``, any case) has a same-named ``.txt``
   caption beside it; sub-folders are walked recursively in sorted order;
-* a manifest: a ``.jsonl`` file with ``image`` (or ``file``) and ``caption`` per line, or a
-  ``.csv`` file with those columns in its header. Image paths are relative to the manifest's
-  folder. A folder with ``manifest.jsonl`` at its top (a ShapesWorld folder) is read this way.
+* a manifest: a ``.jsonl`` file with ``image`` (or ``file``, or ``file_name``) and ``caption`` (or
+  ``text``) per line, or a ``.csv`` file with those columns in its header; other names are given
+  with ``image_column``/``caption_column``. Image paths are relative to the manifest's folder. A
+  folder with ``manifest.jsonl`` at its top (a ShapesWorld folder) is read this way;
+* a Hugging Face ``imagefolder``: a folder whose ``metadata.jsonl`` or ``metadata.csv`` files (at
+  its top or in split folders such as ``train/``) list ``file_name`` and ``text``; images that no
+  metadata file lists are reported as images without caption.
 
 Bad entries are skipped and collected as ``Problem``s, or raise ``SfumatoError`` under
 ``strict=True``. ``list_images`` reads the same sources for an index, where captions are optional.
@@ -37,6 +41,10 @@ from .errors import SfumatoError, UsageError
 DEFAULT_MAX_PIXELS = 4096 * 4096
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 MANIFEST_EXTS = (".jsonl", ".csv")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # Hugging Face imagefolder
+# Column names tried in order: sfumato's own, ShapesWorld's "file", Hugging Face's "file_name" and "text".
+IMAGE_COLUMNS = ("image", "file", "file_name")
+CAPTION_COLUMNS = ("caption", "text")
 # Pillow only tries these decoders, so a GIF or TIFF renamed to .png is rejected, not silently read.
 _PIL_FORMATS = ("PNG", "JPEG", "WEBP")
 # What Pillow raises on corrupt data; struct.error and EOFError come from some header parsers.
@@ -54,6 +62,42 @@ EMPTY_CAPTION = "empty caption"
 NON_UTF8_CAPTION = "non-UTF-8 caption"
 UNREADABLE_CAPTION = "unreadable caption"
 BAD_MANIFEST = "bad manifest line"
+
+
+class PairSource(str):
+    """A source path that also names its manifest's image and caption columns (`--image-column`,
+    `--caption-column`); it passes for a plain str wherever a source goes, e.g. through training."""
+
+    image_column: str | None
+    caption_column: str | None
+
+    def __new__(cls, path: str | os.PathLike, image_column: str | None = None, caption_column: str | None = None):
+        self = super().__new__(cls, os.fspath(path))
+        self.image_column, self.caption_column = image_column or None, caption_column or None
+        return self
+
+
+@dataclass(frozen=True)
+class _Columns:
+    image: tuple[str, ...] = IMAGE_COLUMNS
+    caption: tuple[str, ...] = CAPTION_COLUMNS
+    given: bool = False
+
+    @classmethod
+    def of(cls, source, image_column: str | None, caption_column: str | None) -> "_Columns":
+        image_column = image_column or getattr(source, "image_column", None)
+        caption_column = caption_column or getattr(source, "caption_column", None)
+        return cls((image_column,) if image_column else IMAGE_COLUMNS,
+                   (caption_column,) if caption_column else CAPTION_COLUMNS,
+                   bool(image_column or caption_column))
+
+    def describe(self) -> str:
+        return f"an image column ({_either(self.image)}) and a caption column ({_either(self.caption)})"
+
+
+def _either(names: tuple[str, ...]) -> str:
+    quoted = [f"'{n}'" for n in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
 @dataclass(frozen=True)
@@ -122,30 +166,45 @@ class _BadImage(Exception):
 
 def read_pairs(source: str | os.PathLike, *, strict: bool = False,
                max_pixels: int = DEFAULT_MAX_PIXELS, verify_images: bool = True,
-               progress: bool = False) -> PairReport:
+               progress: bool = False, image_column: str | None = None,
+               caption_column: str | None = None) -> PairReport:
     """Read every image-caption pair under ``source``.
 
     Args:
-        source: a caption folder, a folder with ``manifest.jsonl``, or a ``.jsonl``/``.csv`` file.
+        source: a caption folder, a folder with ``manifest.jsonl`` or Hugging Face ``metadata.jsonl``/
+            ``metadata.csv`` files, or a ``.jsonl``/``.csv`` file (a ``PairSource`` may name the columns).
         strict: raise ``SfumatoError`` on the first problem instead of skipping it.
         max_pixels: reject images with more pixels than this, judged from the header alone.
             Pillow's own decompression-bomb guard stays on as well.
         verify_images: fully decode each image, which catches truncated files; otherwise only
             the header is read.
         progress: show a rich progress bar while images are checked.
+        image_column, caption_column: the manifest's column names, when they are not among
+            IMAGE_COLUMNS and CAPTION_COLUMNS.
 
     Returns:
         A ``PairReport`` with pairs in deterministic order and the problems met.
 
     Raises:
-        UsageError: ``source`` does not exist or is not a folder or a .jsonl/.csv file.
+        UsageError: ``source`` does not exist or is not a folder or a .jsonl/.csv file; columns
+            given for a caption folder.
         SfumatoError: under ``strict``, naming the path and the reason of the first problem.
     """
-    root, manifest = _resolve_source(source)
+    root, manifests = _resolve_source(source)
+    columns = _Columns.of(source, image_column, caption_column)
     report = PairReport(pairs=[], problems=[], source=Path(source))
 
     # Listing problems stay in file order among image problems, so strict stops at the first.
-    items = _list_manifest(manifest) if manifest else _list_folder(root)
+    if manifests:
+        named: set[str] = set()
+        items = [it for m in manifests for it in _list_manifest(m, root, columns, named)]
+        if manifests[0].name in METADATA_FILES and Path(source).is_dir():
+            items += _unlisted_images(root, named, manifests)
+    elif columns.given:
+        raise UsageError(f"{source}: --image-column and --caption-column name a manifest's columns, and "
+                         f"{source} has none (no metadata.jsonl, metadata.csv or manifest.jsonl)")
+    else:
+        items = _list_folder(root)
     # Several manifest lines may caption one image: open it once, report it once.
     probed: dict[Path, tuple[int, int] | Problem] = {}
     for item in _maybe_track(items, f"Checking {source}", progress):
@@ -170,6 +229,23 @@ def check_source(source: str | os.PathLike, **kw) -> PairReport:
     """``read_pairs`` with every image fully decoded; backs ``sfumato data check DIR``."""
     kw["verify_images"] = True
     return read_pairs(source, **kw)
+
+
+def require_pairs(report: PairReport, source=None) -> PairReport:
+    """The report, or a UsageError that says what was looked for when it holds no usable pair."""
+    if report.pairs:
+        return report
+    source = report.source if source is None else source
+    path = Path(source)
+    n = len(report.problems)
+    problems = f"; {n} problem{'s' if n != 1 else ''} (`sfumato data check` lists them)" if n else ""
+    columns = _Columns.of(source, None, None)
+    if path.is_dir() and not _folder_manifests(path):
+        looked = (f"images ({', '.join(IMAGE_EXTS)}) each with a same-named .txt caption, a Hugging Face "
+                  f"metadata.jsonl or metadata.csv ('file_name' and 'text' columns), or a manifest.jsonl")
+    else:
+        looked = f"manifest rows with {columns.describe()} naming an existing image"
+    raise UsageError(f"no usable image-caption pairs in {source}: looked for {looked}{problems}")
 
 
 def open_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -213,17 +289,35 @@ def format_report(report: PairReport) -> list[str]:
 
 # --- sources ---------------------------------------------------------------------------------
 
-def _resolve_source(source: str | os.PathLike) -> tuple[Path, Path | None]:
-    """Return (root that ids are relative to, manifest file or None for a caption folder)."""
+def _resolve_source(source: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """Return (root that ids are relative to, manifest files; none for a caption folder)."""
     path = Path(source)
     if path.is_dir():
-        manifest = path / "manifest.jsonl"
-        return path, manifest if manifest.is_file() else None
+        return path, _folder_manifests(path)
     if path.is_file() and path.suffix.lower() in MANIFEST_EXTS:
-        return path.parent, path
+        return path.parent, [path]
     if not path.exists():
         raise UsageError(f"{path}: no such file or folder")
     raise UsageError(f"{path}: not a folder or a .jsonl/.csv manifest")
+
+
+def _folder_manifests(root: Path) -> list[Path]:
+    """A folder's manifest.jsonl (ShapesWorld), else its Hugging Face metadata files, in sorted order."""
+    if (root / "manifest.jsonl").is_file():
+        return [root / "manifest.jsonl"]
+    found = [p for p in _walk_files(root) if p.name in METADATA_FILES]
+    for folder in {p.parent for p in found}:
+        if all((folder / name).is_file() for name in METADATA_FILES):
+            raise UsageError(f"{folder} holds both metadata.jsonl and metadata.csv; keep one")
+    return found
+
+
+def _unlisted_images(root: Path, named: set[str], manifests: list[Path]) -> list[Problem]:
+    """Images under an imagefolder that no metadata row names."""
+    names = " or ".join(sorted({m.name for m in manifests}))
+    return [Problem(p, f"image without caption (no row of {names} names it)", IMAGE_WITHOUT_CAPTION)
+            for p in _walk_files(root)
+            if p.suffix.lower() in IMAGE_EXTS and os.path.normpath(p) not in named]
 
 
 def _walk_files(root: Path) -> Iterator[Path]:
@@ -277,11 +371,20 @@ def _read_caption_file(path: Path) -> str | Problem:
     return text.strip()
 
 
-def _list_manifest(manifest: Path) -> list[_Entry | Problem]:
-    """Read a .jsonl or .csv manifest into entries; image paths are relative to its folder."""
-    read_rows = _jsonl_rows if manifest.suffix.lower() == ".jsonl" else _csv_rows
-    return [row if isinstance(row, Problem) else _manifest_entry(manifest, lineno, row)
-            for lineno, row in read_rows(manifest)]
+def _list_manifest(manifest: Path, root: Path, columns: _Columns, named: set[str]) -> list[_Entry | Problem]:
+    """Read a .jsonl or .csv manifest into entries; image paths are relative to its folder, ids to root.
+    Every image path a row names, usable or not, is added to `named`."""
+    rows = _jsonl_rows(manifest) if manifest.suffix.lower() == ".jsonl" else _csv_rows(manifest, columns)
+    out = []
+    for lineno, row in rows:
+        if isinstance(row, Problem):
+            out.append(row)
+            continue
+        image = next((row[c] for c in columns.image if c in row), None)
+        if isinstance(image, str) and image.strip():
+            named.add(os.path.normpath(manifest.parent / image.strip()))
+        out.append(_manifest_entry(manifest, lineno, row, root, columns))
+    return out
 
 
 def _jsonl_rows(manifest: Path) -> Iterator[tuple[int, dict | Problem]]:
@@ -303,7 +406,7 @@ def _jsonl_rows(manifest: Path) -> Iterator[tuple[int, dict | Problem]]:
         yield lineno, row
 
 
-def _csv_rows(manifest: Path) -> Iterator[tuple[int, dict | Problem]]:
+def _csv_rows(manifest: Path, columns: _Columns) -> Iterator[tuple[int, dict | Problem]]:
     """Yield (line number, row or Problem) for each data row of a CSV manifest with a header."""
     try:
         text = manifest.read_bytes().decode("utf-8-sig")
@@ -313,28 +416,28 @@ def _csv_rows(manifest: Path) -> Iterator[tuple[int, dict | Problem]]:
         return
     reader = csv.DictReader(io.StringIO(text, newline=""))
     header = reader.fieldnames or []
-    if not {"image", "file"} & set(header) or "caption" not in header:
-        reason = "line 1: header needs 'image' and 'caption' columns"
+    if not set(columns.image) & set(header) or not set(columns.caption) & set(header):
+        reason = f"line 1: header needs {columns.describe()}; it has {', '.join(header) or 'none'}"
         yield 1, Problem(manifest, reason, BAD_MANIFEST)
         return
     for row in reader:
         yield reader.line_num, row
 
 
-def _manifest_entry(manifest: Path, lineno: int, row: dict) -> _Entry | Problem:
+def _manifest_entry(manifest: Path, lineno: int, row: dict, root: Path, columns: _Columns) -> _Entry | Problem:
     """Turn one manifest row into an entry, or the Problem saying what is missing."""
-    image = row.get("image", row.get("file"))  # ShapesWorld manifests say "file"
-    caption = row.get("caption")
+    image = next((row[c] for c in columns.image if c in row), None)
+    caption = next((row[c] for c in columns.caption if c in row), None)
     where = f"line {lineno}"
     if not isinstance(image, str) or not image.strip():
-        return Problem(manifest, f"{where}: lacks an 'image' (or 'file') field", BAD_MANIFEST)
+        return Problem(manifest, f"{where}: lacks an image field ({_either(columns.image)})", BAD_MANIFEST)
     if not isinstance(caption, str):
-        return Problem(manifest, f"{where}: lacks a 'caption' text field", BAD_MANIFEST)
+        return Problem(manifest, f"{where}: lacks a caption text field ({_either(columns.caption)})", BAD_MANIFEST)
     if not caption.strip():
         return Problem(manifest, f"{where}: empty caption for {image}", EMPTY_CAPTION)
     # Paths may leave the manifest's folder on purpose (shared image stores), so no check here.
     path = manifest.parent / image.strip()
-    item_id = Path(os.path.relpath(path.with_suffix(""), manifest.parent)).as_posix()
+    item_id = Path(os.path.relpath(path.with_suffix(""), root)).as_posix()
     return _Entry(path, caption.strip(), item_id, dict(row))
 
 
@@ -436,7 +539,7 @@ def list_images(sources: list[str | os.PathLike]) -> tuple[list[ImageItem], list
 
 
 def _is_manifest(path: Path) -> bool:
-    return path.is_file() or (path / "manifest.jsonl").is_file()
+    return path.is_file() or bool(_folder_manifests(path))
 
 
 def iter_batches(items: list, size: int) -> Iterator[list]:

@@ -12,6 +12,7 @@ weights are read from safetensors only.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import warnings
 from contextlib import nullcontext
@@ -29,7 +30,9 @@ from .data import to_model_range
 from .errors import SfumatoError, UsageError
 from .files import sha256_bytes
 from .models import quiet_libraries
-from .sampling import decode_latents, denoise, encode_prompts, seeded_noise
+from .prompts import check_weights, tokenize
+from .prompts import encode as encode_prompt_syntax
+from .sampling import decode_latents, denoise, seeded_noise
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
 __all__ = ["DEFAULT_MODEL", "SCHEDULERS", "GenerationSettings", "Pipeline", "load", "make_scheduler",
@@ -47,12 +50,14 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "LMS": ("LMSDiscreteScheduler", {}),
     "Heun": ("HeunDiscreteScheduler", {}),
     "DDPM": ("DDPMScheduler", {}),
+    "LCM": ("LCMScheduler", {}),  # distilled folders only (`sfumato distill`)
 }
 
 
 def list_schedulers() -> list[str]:
     return list(SCHEDULERS)
 
+DISTILLED_ONLY = ("LCM",)  # samplers that need a UNet with a guidance input
 
 def make_scheduler(name: str, base_config):
     """A fresh scheduler of the named kind on the model's noise schedule (schedulers hold state)."""
@@ -61,12 +66,45 @@ def make_scheduler(name: str, base_config):
     if name not in SCHEDULERS:
         raise UsageError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
     cls_name, overrides = SCHEDULERS[name]
+    cls = getattr(diffusers, cls_name)
     cfg = dict(base_config)
     if cfg.get("rescale_betas_zero_snr"):
         cfg["timestep_spacing"] = "trailing"  # zero terminal SNR needs the last timestep sampled
+        if "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
+            # LMS and Heun would silently sample another schedule: hand them the model's own betas.
+            cfg["trained_betas"] = zero_snr_betas(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return getattr(diffusers, cls_name).from_config(cfg, **overrides)
+        return cls.from_config(cfg, **overrides)
+
+
+def zero_snr_betas(config) -> list[float]:
+    """The betas of a zero-terminal-SNR schedule with the last alpha-bar clamped to 2**-24, as diffusers'
+    Euler and DPM schedulers do, so that schedulers without the option get a finite largest sigma."""
+    from diffusers import DDPMScheduler
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ddpm = DDPMScheduler.from_config({**dict(config), "rescale_betas_zero_snr": True})
+    abar = ddpm.alphas_cumprod.double().clone()
+    abar[-1] = 2.0**-24
+    betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+    return betas.tolist()
+
+
+def _folder_defaults(folder: Path | None, distilled: bool) -> dict:
+    """Generation defaults a model folder states in its sfumato.json ("generation": scheduler, steps,
+    guidance); a distilled UNet without a card gets LCM's."""
+    card = folder / "sfumato.json" if folder else None
+    saved = {}
+    if card is not None and card.is_file():
+        try:
+            saved = json.loads(card.read_text()).get("generation", {})
+        except (OSError, json.JSONDecodeError, AttributeError):
+            saved = {}
+    if distilled:
+        saved = {"scheduler": "LCM", "steps": 8, **saved}
+    return {k: saved[k] for k in ("scheduler", "steps", "guidance") if k in saved}
 
 
 def model_hash(folder: Path) -> str:
@@ -92,20 +130,21 @@ class Pipeline:
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.native = unet.config.sample_size * self.factor
         self.multiple = self.factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        self.distilled = unet.config.time_cond_proj_dim is not None
+        self.defaults = _folder_defaults(folder, self.distilled)
+
+    def settings(self, prompt: str, **given) -> GenerationSettings:
+        """GenerationSettings with this model's own defaults (a distilled folder: LCM, few steps) for
+        every field not given."""
+        return GenerationSettings(prompt, **{**self.defaults, **{k: v for k, v in given.items() if v is not None}})
 
     # ---------------------------------------------------------------- prompts
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
-        """Text states (B, L, D) and a warning for each prompt cut at the context length."""
-        tok = self.tokenizer
-        n = tok.model_max_length
-        full = tok(prompts, truncation=False, verbose=False).input_ids
-        notes = []
-        for p, ids in zip(prompts, full):
-            if len(ids) > n:
-                dropped = tok.decode(ids[n - 1:-1]).strip()
-                notes.append(f"prompt longer than the {n}-token context; dropped: {dropped!r}")
-        return encode_prompts(tok, self.text_encoder, prompts), notes
+        """Text states (B, L, D) of prompts in AUTOMATIC1111's syntax ((word:1.3), [word], BREAK); a prompt
+        longer than the context is encoded in chunks (L is a multiple of it). Also notes on the syntax,
+        such as a bracket never closed."""
+        return encode_prompt_syntax(self.tokenizer, self.text_encoder, prompts)
 
     # ---------------------------------------------------------------- generation
 
@@ -113,6 +152,8 @@ class Pipeline:
         """Validate settings against the limits; fill in the native size."""
         if not s.prompt.strip():
             raise UsageError("the prompt is empty")
+        check_weights(s.prompt)
+        check_weights(s.negative)
         if not 1 <= s.steps <= MAX_STEPS:
             raise UsageError(f"--steps must be between 1 and {MAX_STEPS}, got {s.steps}")
         if not 1 <= n <= MAX_IMAGES:
@@ -122,6 +163,12 @@ class Pipeline:
         if s.strength is not None and not 0 <= s.strength <= 1:
             raise UsageError(f"--strength must be between 0 and 1, got {s.strength}")
         make_scheduler(s.scheduler, self.scheduler_config)  # unknown names fail here
+        if s.scheduler in DISTILLED_ONLY and not self.distilled:
+            raise UsageError(f"--scheduler {s.scheduler} samples distilled few-step models only (made by "
+                             f"`sfumato distill`); {self.name} is not one")
+        if self.distilled and s.scheduler != "LCM":
+            raise UsageError(f"{self.name} is a distilled few-step model: it samples with --scheduler LCM only "
+                             f"(got {s.scheduler!r}); use its teacher model for other samplers")
         s.width, s.height = s.width or self.native, s.height or self.native
         for side in (s.width, s.height):
             if not self.multiple <= side <= MAX_SIDE or side % self.multiple:
@@ -140,7 +187,8 @@ class Pipeline:
                 with an init image, strength (None: DEFAULT_STRENGTH). Not modified.
             n: images to draw.
             init_image: start from this image (img2img); mask: with it, white = repaint (inpainting).
-            callback: called after each sampler step with {"i", "t", "latents", "total"}.
+            callback: called after each sampler step with {"i", "t", "latents", "total"} (once per
+                batch when `prompts` differ in length: each length is drawn as a batch of its own).
             capture: also record the cross-attention of every image (for per-word maps).
             prompts: one prompt per image in one batch, instead of n times settings.prompt (n is then
                 len(prompts)); training draws its sample grids this way.
@@ -155,23 +203,37 @@ class Pipeline:
         if any(not t.strip() for t in texts[1:]):
             raise UsageError("the prompt is empty")
         s = self.check(dataclasses.replace(settings, prompt=texts[0] if texts else "", strength=strength), n)
+        for t in texts[1:]:
+            check_weights(t)
         init = self._init_latents(init_image, mask, s)
-        cond, notes = self.encode(texts)
-        uncond, _ = self.encode([s.negative] * n)
-        for note in notes[:1]:
-            warnings.warn(note)
+        # Prompt and negative are padded to the same number of chunks. Prompts of another length are
+        # drawn in their own batch, so padding never changes an image from what it is drawn alone.
+        groups: dict[int, list[int]] = {}
+        k_neg = len(tokenize(self.tokenizer, s.negative).ids)
+        for i, t in enumerate(texts):
+            groups.setdefault(max(len(tokenize(self.tokenizer, t).ids), k_neg), []).append(i)
+        if capture and len(groups) > 1:
+            raise UsageError("explain maps one batch of prompts of one length; draw these prompts apart")
+        batches = []
+        for idx in groups.values():
+            states, notes = self.encode([texts[i] for i in idx] + [s.negative] * len(idx))
+            batches.append((idx, states[:len(idx)], states[len(idx):]))
+            for note in notes:
+                warnings.warn(note, stacklevel=2)
         shape = (self.unet.config.in_channels, s.height // self.factor, s.width // self.factor)
         noise, gens = seeded_noise(shape, n, s.seed, self.device)
-        sched = make_scheduler(s.scheduler, self.scheduler_config)
-        recording = capture_cross_attention(self.unet, s.height, s.width, cfg=s.guidance != 1.0) if capture \
-            else nullcontext()
+        doubled = s.guidance != 1.0 and not self.distilled  # the batch holds an unconditional half
+        recording = capture_cross_attention(self.unet, s.height, s.width, cfg=doubled) if capture else nullcontext()
         with recording as store:
             if init is not None and round(s.steps * s.strength) == 0:
                 pixels = np.repeat(init["pixels"][None], n, axis=0)  # nothing to re-run: the input as it is
             else:
                 src = init or {"latents": None, "mask_lat": None}
-                latents = denoise(self.unet, sched, cond, uncond, noise, s.steps, s.guidance, callback, gens,
-                                  src["latents"], s.strength or 1.0, src["mask_lat"])
+                latents = torch.empty_like(noise)
+                for idx, cond, uncond in batches:
+                    sched = make_scheduler(s.scheduler, self.scheduler_config)  # schedulers hold state
+                    latents[idx] = denoise(self.unet, sched, cond, uncond, noise[idx], s.steps, s.guidance, callback,
+                                           [gens[i] for i in idx], src["latents"], s.strength or 1.0, src["mask_lat"])
                 pixels = decode_latents(self.vae, latents).numpy()
         if capture and store.calls == 0:
             raise UsageError("explain has nothing to show: at this strength the model never runs (the init image "
@@ -220,10 +282,16 @@ def load(model: str | Path | None = None, device: str | None = None) -> Pipeline
     if not folder.is_dir():
         if model is None:
             raise SfumatoError(f"the default model is missing from this installation ({folder})")
+        if folder.is_file():
+            raise UsageError(f"{folder} is a single-file checkpoint; sfumato loads diffusers folders: convert it once "
+                             f"with diffusers' StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR, "
+                             f"safe_serialization=True)")
         raise UsageError(f"model folder {folder} does not exist")
     missing = [c for c in ("tokenizer", "text_encoder", "vae", "unet", "scheduler") if not (folder / c).is_dir()]
     if missing:
         raise UsageError(f"{folder} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}/")
+    _check_weights(folder)
+    _check_channels(folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     quiet_libraries()
     try:
@@ -237,3 +305,38 @@ def load(model: str | Path | None = None, device: str | None = None) -> Pipeline
         raise SfumatoError(f"cannot load model from {folder}: {str(e).splitlines()[0]}") from None
     sched_cfg = {k: v for k, v in sched_cfg.items() if not k.startswith("_")}
     return Pipeline(folder, tokenizer, text_encoder, vae, unet, sched_cfg, device)
+
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def _check_weights(folder: Path) -> None:
+    """Weights are read from safetensors only: unpickling a .bin file can run any code in it."""
+    for part in ("text_encoder", "vae", "unet"):
+        files = [f for f in (folder / part).iterdir() if f.is_file()]
+        if any(f.name.endswith(".safetensors") for f in files):
+            continue
+        pickles = sorted(f.name for f in files if f.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise UsageError(
+                f"{folder / part} holds only pickle weights ({', '.join(pickles)}), which sfumato refuses: loading "
+                f"them can run code hidden in the file. Convert the model once where you trust it: "
+                f"StableDiffusionPipeline.from_pretrained(\"{folder}\", use_safetensors=False)"
+                f".save_pretrained(DIR, safe_serialization=True), then pass --model DIR")
+
+
+def _check_channels(folder: Path) -> None:
+    """The UNet must take the VAE's latents and nothing else (inpainting UNets also take a mask and
+    the masked image's latents; depth or instruct UNets other extra channels)."""
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        got, want = int(unet["in_channels"]), int(vae["latent_channels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # loading says what is wrong with the files
+    if got == want:
+        return
+    kind = " (an inpainting checkpoint: latents, mask and masked image)" if got == 2 * want + 1 else ""
+    raise UsageError(f"{folder}: its UNet takes {got} input channels{kind}, and sfumato draws with UNets that take the "
+                     f"VAE's {want} latent channels; use the text-to-image version of this model (it inpaints with "
+                     f"--init-image and --mask)")

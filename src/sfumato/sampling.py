@@ -19,6 +19,14 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
+def guidance_embedding(guidance: torch.Tensor, dim: int) -> torch.Tensor:
+    """The guidance-scale input of a distilled (LCM) UNet, as plain diffusers computes it at sampling
+    time (w = guidance - 1); taken from the pipeline itself so that training and sampling agree."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, guidance - 1, embedding_dim=dim)
+
+
 def seeded_noise(shape: tuple[int, ...], n: int, seed: int, device="cpu"):
     """Initial noise for n images, image i from its own generator seeded seed + i, so an image
     does not depend on how many were drawn with it. Returns (noise, generators); stochastic
@@ -44,6 +52,10 @@ def denoise(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, noise: to
     timesteps = scheduler.timesteps
     if init_latents is None:
         latents = noise * scheduler.init_noise_sigma
+        if hasattr(scheduler, "set_begin_index"):
+            # Count steps from the start rather than look each timestep up: Karras sigmas on a
+            # zero-terminal-SNR schedule map several high sigmas to one integer timestep.
+            scheduler.set_begin_index(0)
     else:
         start = steps - min(int(round(steps * strength)), steps)
         timesteps = timesteps[start * scheduler.order:]
@@ -51,7 +63,12 @@ def denoise(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, noise: to
             scheduler.set_begin_index(start * scheduler.order)
         init_latents = init_latents.expand_as(noise)
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1])
-    use_cfg = guidance != 1.0
+    # A distilled UNet takes the guidance scale as an input: one pass per step, no unconditional half.
+    dim = getattr(getattr(unet, "config", None), "time_cond_proj_dim", None)
+    w_emb = None if dim is None else guidance_embedding(torch.full((len(noise),), float(guidance)), dim).to(
+        noise.device, noise.dtype)
+    use_cfg = guidance != 1.0 and w_emb is None
+    guided = {} if w_emb is None else {"timestep_cond": w_emb}
     context = torch.cat([uncond, cond]) if use_cfg else cond
     extra = {"generator": generator} if generator is not None and "generator" in _step_params(scheduler) else {}
     for i, t in enumerate(timesteps):
@@ -59,7 +76,7 @@ def denoise(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, noise: to
         x = torch.cat([latents] * 2) if use_cfg else latents
         x = scheduler.scale_model_input(x, t)
         # 3. predict and guide
-        pred = unet(x, t, encoder_hidden_states=context).sample
+        pred = unet(x, t, encoder_hidden_states=context, **guided).sample
         if use_cfg:
             pred_uncond, pred_cond = pred.chunk(2)
             pred = pred_uncond + guidance * (pred_cond - pred_uncond)

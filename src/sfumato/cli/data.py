@@ -35,27 +35,37 @@ def data_shapes(
         out.print(f"  {name:<18} {count}")
 
 
+IMAGE_COLUMN_HELP = "The manifest's image path column (default: image, file or file_name)."
+CAPTION_COLUMN_HELP = "The manifest's caption column (default: caption or text)."
+
+
 @app.command("check")
 def data_check(
-    source: Path = typer.Argument(..., help="A folder of images with .txt captions, or a .jsonl/.csv manifest."),
+    source: Path = typer.Argument(..., help="A folder of images with .txt captions, a Hugging Face imagefolder "
+                                  "(metadata.jsonl/.csv), or a .jsonl/.csv manifest."),
     strict: bool = typer.Option(False, "--strict", help="Fail on the first problem instead of skipping it."),
     max_pixels: int = typer.Option(4096 * 4096, "--max-pixels", help="Refuse images with more pixels than this."),
     scenes: bool = typer.Option(False, "--scenes", help="Also judge each image against its caption with the "
                                 "ShapesWorld scene checker."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help=IMAGE_COLUMN_HELP),
+    caption_column: Optional[str] = typer.Option(None, "--caption-column", help=CAPTION_COLUMN_HELP),
 ) -> None:
-    """Count pairs, image sizes and caption lengths, and list every problem."""
-    from ..pairs import check_source, format_report
+    """Count pairs, image sizes and caption lengths, and list every problem; no usable pair is an error."""
+    from ..pairs import PairSource, check_source, format_report, require_pairs
 
-    report = check_source(source, strict=strict, max_pixels=max_pixels, progress=not as_json)
+    src = PairSource(source, image_column, caption_column)
+    report = check_source(src, strict=strict, max_pixels=max_pixels, progress=not as_json)
     summary = report.summary()
     if scenes:
         summary["scenes"] = _judge_pairs(report.pairs)
     if as_json:
         out.print_json(json.dumps(summary, default=str))
+        require_pairs(report, src)
         return
     for line in format_report(report):
         out.print(line, highlight=False)
+    require_pairs(report, src)
     if scenes:
         s = summary["scenes"]
         out.print(f"scene checker: {s['passed']}/{s['total']} conform to their captions")

@@ -23,9 +23,11 @@ def eval_compositional(
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: shipped model)."),
     per_category: int = typer.Option(50, "--per-category", help="Prompts per category."),
     seed: int = typer.Option(0, "--seed", help="Seed for prompts and images."),
-    steps: int = typer.Option(S.steps, "--steps", help="Sampler steps."),
-    guidance: float = typer.Option(S.guidance, "--guidance", help="Classifier-free guidance scale."),
-    scheduler: str = typer.Option(S.scheduler, "--scheduler", help="Sampler name."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=f"Sampler steps (default: the model's, else {S.steps})."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale (default: the model's, else "
+                                             f"{S.guidance:g})."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help=f"Sampler name (default: the model's, else "
+                                            f"{S.scheduler})."),
     category: Optional[list[str]] = typer.Option(None, "--category", help="Only these categories (repeatable)."),
 ) -> None:
     """Generate prompts of every GenEval-style category and judge each image with the scene checker."""

@@ -40,14 +40,17 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 @app.command("generate")
 def generate_cmd(
-    prompt: Optional[str] = typer.Argument(None, help="What to draw."),
+    prompt: Optional[str] = typer.Argument(None, help="What to draw, in AUTOMATIC1111's syntax: (word:1.3), (word) "
+                                           "x1.1, \\[word] /1.1, \\( for a bracket, BREAK; any length."),
     model: Optional[Path] = typer.Option(None, "--model", help="Diffusers Stable Diffusion folder (default: shipped model)."),
     seed: int = typer.Option(S.seed, "--seed", help="Seed of the first image; image i uses seed + i."),
     num_images: int = typer.Option(1, "-n", "--num-images", help="Images per prompt."),
-    steps: int = typer.Option(S.steps, "--steps", help="Sampler steps."),
-    guidance: float = typer.Option(S.guidance, "--guidance", help="Classifier-free guidance scale (1 disables)."),
-    negative: str = typer.Option(S.negative, "--negative", help="Negative prompt."),
-    scheduler: str = typer.Option(S.scheduler, "--scheduler", help="Sampler name (see --list-schedulers)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=f"Sampler steps (default: the model's, else {S.steps})."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale, 1 disables "
+                                             f"(default: the model's, else {S.guidance:g})."),
+    negative: str = typer.Option(S.negative, "--negative", help="Negative prompt (same syntax)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Sampler name (see --list-schedulers; "
+                                            f"default: the model's, else {S.scheduler})."),
     size: str = typer.Option("", "--size", help="N or WxH pixels (default: the model's native size)."),
     init_image: Optional[Path] = typer.Option(None, "--init-image", help="Start from this image (img2img)."),
     strength: float = typer.Option(DEFAULT_STRENGTH, "--strength", help="img2img: how much of the schedule to re-run (0-1)."),
@@ -77,7 +80,6 @@ def generate_cmd(
         raise UsageError("give either a PROMPT or --prompts FILE, not both")
     texts = gen.read_prompts(prompts) if prompts else [prompt]
     w, h = _parse_size(size) if size else (0, 0)
-    settings = S("", negative, seed, steps, guidance, scheduler, w, h, strength if init_image is not None else None)
     if mask is not None and init_image is None:
         raise UsageError("--mask needs --init-image")
     init = open_image(init_image) if init_image is not None else None
@@ -87,6 +89,8 @@ def generate_cmd(
     if (neighbours > 0) != (index is not None):
         raise UsageError("--neighbours K and --index INDEX go together")
     pipe = load(model)
+    settings = pipe.settings("", negative=negative, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
+                             width=w, height=h, strength=strength if init_image is not None else None)
     after = _after_image(pipe, audit, neighbours, index) if (audit or neighbours) else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import UsageError
+from ..errors import SfumatoError, UsageError
 from .console import console, out
 
 app = typer.Typer()
@@ -25,9 +25,13 @@ index_app = typer.Typer(help="Build and edit an image index (FAISS/exact vectors
 app.add_typer(index_app, name="index")
 
 
-def _report(report, verb: str) -> None:
+def _skipped(report) -> None:
     for p in report.problems:
         console.print(f"skipped {p.path}: {p.reason}", highlight=False, markup=False)
+
+
+def _report(report, verb: str) -> None:
+    _skipped(report)
     if report.duplicates:
         console.print(f"skipped {len(report.duplicates)} image(s) already in the index (same sha256)",
                       highlight=False)
@@ -68,7 +72,15 @@ def add_cmd(
     from ..search import add_to_index, index_model
 
     emb = Embedder.load(model or index_model(index))
-    _report(add_to_index(index, files, emb, progress=True), "add")
+    report = add_to_index(index, files, emb, progress=True)
+    if not report.added and not report.duplicates:  # all already there is fine; nothing usable is not
+        problems = report.problems
+        if len(problems) == 1:
+            raise SfumatoError(f"nothing added to {index}: {problems[0].path}: {problems[0].reason}")
+        _skipped(report)
+        why = f"none of {len(problems)} files could be read (listed above)" if problems else "no images found"
+        raise SfumatoError(f"nothing added to {index}: {why}")
+    _report(report, "add")
 
 
 @index_app.command("remove")

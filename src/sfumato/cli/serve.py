@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +31,10 @@ def serve_cmd(
                                           help="Key every API request must carry (Bearer, X-API-Key or Basic)."),
     max_queue: int = typer.Option(8, "--max-queue", help="Generation jobs that may wait; more get 429."),
     job_seconds: float = typer.Option(600.0, "--job-seconds", help="Time limit of one job."),
+    max_cost: float = typer.Option(1000.0, "--max-cost", help="Largest generation job, in native-image "
+                                   "steps: (width*height / native size squared) x steps x images."),
+    max_step_cost: float = typer.Option(8.0, "--max-step-cost", help="Largest sampler step, "
+                                        "in native images: (width*height / native size squared) x images."),
     allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="Another Host name this server "
                                                    "answers to, besides 127.0.0.1, localhost and [::1] (repeatable)."),
 ) -> None:
@@ -46,6 +51,8 @@ def serve_cmd(
         raise UsageError(f"--port must be between 1 and 65535, got {port}")
     if max_queue < 0 or job_seconds <= 0:
         raise UsageError("--max-queue must be 0 or more and --job-seconds above 0")
+    if not (max_cost > 0 and max_step_cost > 0):
+        raise UsageError("--max-cost and --max-step-cost must be above 0")
     if model is not None and not model.is_dir():
         raise UsageError(f"model folder {model} does not exist")
     for p in index or ():
@@ -59,10 +66,21 @@ def serve_cmd(
         if server is not None:
             server.should_exit = True
 
-    app = create_app(model_loader(model, list(index or ())), api_key=api_key,
-                     limits=Limits(max_queue=max_queue, job_seconds=job_seconds), on_load_error=stop,
+    limits = Limits(max_queue=max_queue, job_seconds=job_seconds, max_cost=max_cost, max_step_cost=max_step_cost)
+    app = create_app(model_loader(model, list(index or ())), api_key=api_key, limits=limits, on_load_error=stop,
                      hosts=allowed_hosts(host, list(allow_host or ())))
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=os.environ.get("SFUMATO_LOG", "info")))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # uvicorn waits for open responses before the app's shutdown runs, and an event stream ends
+            # only with its job: drain first (new work 503, jobs end, streams close). In a thread: this
+            # runs in a signal handler, which may have interrupted the queue's own lock holder.
+            threading.Thread(target=app.state.server.drain, name="sfumato-drain", daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    # timeout_graceful_shutdown: any other response still open after 5 s is cancelled
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=os.environ.get("SFUMATO_LOG", "info"),
+                                   timeout_graceful_shutdown=5))
     console.print(f"serving on http://{host}:{port}/ (API docs at /docs); loading models", highlight=False)
     server.run()
     if failed:

@@ -1,98 +1,671 @@
 """AUTOMATIC1111-compatible endpoints under /sdapi/v1, so its API clients work unchanged.
 
 Request fields and response shapes follow AUTOMATIC1111's API (base64 images, `parameters` echoing
-the request, `info` as a JSON string). Fields sfumato has no use for (hires fix, face restoration,
-scripts, ...) are accepted and ignored, as AUTOMATIC1111 ignores what a script does not read.
-Generation runs on the same lane as /v1/generate; /interrupt cancels the running job.
+the request, `info` as a JSON string). Each field AUTOMATIC1111 documents is honoured, or refused
+with 422 naming it when it would change the result in a way sfumato cannot; values that change
+nothing (the defaults clients send) pass. Fields AUTOMATIC1111 does not have are refused too, so a
+misspelt field never falls back to a default unnoticed.
+
+Generation runs on the same lane as /v1/generate; /interrupt cancels the running job, and so does a
+client that hangs up while it waits.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import io
 import json
 import time
 from typing import Any, Optional
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 
+from ..config import DEFAULT_SCHEDULER, DEFAULT_STRENGTH, GenerationSettings, parse_parameters
 from ..errors import UsageError
-from ..config import DEFAULT_SCHEDULER, parse_parameters
 from ..pipeline import SCHEDULERS
 from .deps import Server, get_models, get_server, submit, wait_for
+from .jobs import Job, Stopped
 from .media import b64, decode_b64
 from .models import Models
-from .work import generation, prepare
+from .work import GenSpec, check_range, generation, prepare
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
 
 
-class Txt2ImgRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send many fields sfumato does not use
+class A1111Request(BaseModel):
+    """The fields txt2img and img2img share. Optional ones default to "changes nothing"."""
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    seed: int = -1
-    steps: int = 20
-    cfg_scale: float = 7.0
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Optional[str] = ""
+    negative_prompt: Optional[str] = ""
+    styles: Optional[list[str]] = None
+    seed: Optional[int] = -1
+    subseed: Optional[int] = -1
+    subseed_strength: Optional[float] = 0
+    seed_resize_from_h: Optional[int] = -1
+    seed_resize_from_w: Optional[int] = -1
+    seed_enable_extras: Optional[bool] = True
     sampler_name: Optional[str] = None
     sampler_index: Optional[str] = None  # older clients
-    width: Optional[int] = None  # None: the model's native size
+    scheduler: Optional[str] = None
+    batch_size: Optional[int] = 1
+    n_iter: Optional[int] = 1
+    steps: Optional[int] = 20
+    cfg_scale: Optional[float] = 7.0
+    width: Optional[int] = None  # None or 0: the model's native size
     height: Optional[int] = None
-    batch_size: int = 1
-    n_iter: int = 1
+    restore_faces: Optional[bool] = None
+    tiling: Optional[bool] = None
+    do_not_save_samples: Optional[bool] = False
+    do_not_save_grid: Optional[bool] = False
+    eta: Optional[float] = None
     denoising_strength: Optional[float] = None
+    s_min_uncond: Optional[float] = None
+    s_churn: Optional[float] = None
+    s_tmax: Optional[float] = None
+    s_tmin: Optional[float] = None
+    s_noise: Optional[float] = None
+    override_settings: Optional[dict[str, Any]] = None
+    override_settings_restore_afterwards: Optional[bool] = True
+    refiner_checkpoint: Optional[str] = None
+    refiner_switch_at: Optional[float] = None
+    disable_extra_networks: Optional[bool] = False
+    firstpass_image: Optional[str] = None
+    comments: Optional[dict[str, Any]] = None
+    token_merging_ratio: Optional[float] = None
+    token_merging_ratio_hr: Optional[float] = None
+    infotext: Optional[str] = None
+    force_task_id: Optional[str] = None
+    user: Optional[str] = None
+    script_name: Optional[str] = None
+    script_args: Optional[list] = None
+    send_images: Optional[bool] = True
+    save_images: Optional[bool] = False
+    alwayson_scripts: Optional[dict[str, Any]] = None
 
 
-class Img2ImgRequest(Txt2ImgRequest):
-    init_images: list[str] = []
+class Txt2ImgRequest(A1111Request):
+    enable_hr: Optional[bool] = False
+    firstphase_width: Optional[int] = 0
+    firstphase_height: Optional[int] = 0
+    hr_scale: Optional[float] = 2.0
+    hr_upscaler: Optional[str] = None
+    hr_second_pass_steps: Optional[int] = 0
+    hr_resize_x: Optional[int] = 0
+    hr_resize_y: Optional[int] = 0
+    hr_checkpoint_name: Optional[str] = None
+    hr_sampler_name: Optional[str] = None
+    hr_scheduler: Optional[str] = None
+    hr_prompt: Optional[str] = ""
+    hr_negative_prompt: Optional[str] = ""
+
+
+class Img2ImgRequest(A1111Request):
+    init_images: Optional[list[str]] = None
+    resize_mode: Optional[int] = 0
+    image_cfg_scale: Optional[float] = None  # instruct-pix2pix models only; sfumato's are not
     mask: Optional[str] = None
+    mask_blur_x: Optional[int] = None
+    mask_blur_y: Optional[int] = None
+    mask_blur: Optional[int] = None  # sfumato's default is 0: unmasked pixels are kept exactly
+    mask_round: Optional[bool] = True
+    inpainting_fill: Optional[int] = None  # None: 1, the original picture under the mask
+    inpaint_full_res: Optional[bool] = None  # None: the whole picture
+    inpaint_full_res_padding: Optional[int] = 32
+    inpainting_mask_invert: Optional[int] = 0
+    initial_noise_multiplier: Optional[float] = None
+    latent_mask: Optional[str] = None
+    include_init_images: Optional[bool] = False
 
 
 class PngInfoRequest(BaseModel):
     image: str
 
 
-def _sampler(req: Txt2ImgRequest) -> str:
-    return req.sampler_name or req.sampler_index or DEFAULT_SCHEDULER
+# ---------------------------------------------------------------- samplers and schedule types
+
+# AUTOMATIC1111's schedule types (its /schedulers names and labels). sfumato offers "Automatic" (each
+# sampler's own), "Uniform" (the same, for samplers whose own schedule is uniform) and each type some
+# sampler has a variant for in pipeline.SCHEDULERS, named "SAMPLER LABEL" ("DPM++ 2M Karras").
+SCHEDULE_TYPES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
+                  "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
+                  "align_your_steps": "Align Your Steps", "simple": "Simple", "normal": "Normal", "ddim": "DDIM",
+                  "beta": "Beta"}
+_VARIANTS = ("Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal", "Align Your Steps", "Simple",
+             "Normal", "Beta")
+_SAME = ("", "use same sampler", "use same scheduler", "use same checkpoint")
+# eta of the samplers that have one: a request may only ask for the eta each runs at.
+FIXED_ETA = {"Euler a": 1.0, "DDIM": 0.0, "DDPM": 1.0}
 
 
-async def _run(req: Txt2ImgRequest, server: Server, models: Models, init: Optional[str] = None,
-               mask: Optional[str] = None) -> dict:
-    if req.batch_size < 1 or req.n_iter < 1:
-        raise UsageError(f"batch_size and n_iter must be at least 1, got {req.batch_size} and {req.n_iter}")
-    n = req.batch_size * req.n_iter  # image i uses seed + i, as AUTOMATIC1111's all_seeds
-    strength = 0.75 if req.denoising_strength is None else req.denoising_strength
-    spec = prepare(models, server.limits, req.prompt, req.negative_prompt, req.seed, req.steps, req.cfg_scale,
-                   _sampler(req), req.width or 0, req.height or 0, n, init, mask, strength)
-    job = await wait_for(submit(server, "generate", generation(models, spec, server.limits), total=spec.steps))
+def _variant(sampler: str) -> tuple[str, Optional[str]]:
+    """("DPM++ 2M", "Karras") for "DPM++ 2M Karras"; (name, None) for a plain sampler."""
+    for label in _VARIANTS:
+        if sampler.endswith(" " + label):
+            return sampler[:-len(label) - 1], label
+    return sampler, None
+
+
+def offered_schedules() -> list[str]:
+    labels = ["Automatic", "Uniform"]
+    return labels + [v for v in _VARIANTS if any(_variant(s)[1] == v for s in SCHEDULERS)]
+
+
+def resolve_sampler(sampler: Optional[str], schedule: Optional[str], field: str = "scheduler") -> str:
+    """The pipeline.SCHEDULERS name for an AUTOMATIC1111 sampler and schedule type.
+
+    A schedule in the sampler's name ("DPM++ 2M Karras") is read as AUTOMATIC1111 reads it."""
+    name = sampler or DEFAULT_SCHEDULER
+    if not schedule or schedule.strip().lower() in ("automatic", "use same scheduler"):
+        return name
+    key = schedule.strip().lower()
+    label = SCHEDULE_TYPES.get(key) or next((v for v in SCHEDULE_TYPES.values() if v.lower() == key), None)
+    offered = offered_schedules()
+    if label not in offered:
+        raise UsageError(f"{field} {schedule!r} is not available; choose from {', '.join(offered)}")
+    base, own = _variant(name)
+    if base not in SCHEDULERS and name not in SCHEDULERS:
+        return name  # the pipeline names the unknown sampler
+    if own is not None:
+        if own != label:
+            raise UsageError(f"{field} {schedule!r} contradicts sampler {name!r}; send sampler {base!r} "
+                             f"with {field} {schedule!r}, or {field} 'Automatic'")
+        return name
+    if label == "Uniform":
+        return name
+    if f"{name} {label}" not in SCHEDULERS:
+        with_it = [_variant(s)[0] for s in SCHEDULERS if _variant(s)[1] == label]
+        raise UsageError(f"{field} {schedule!r} is available with sampler {', '.join(with_it)}, not with {name!r}")
+    return f"{name} {label}"
+
+
+# ---------------------------------------------------------------- what sfumato cannot do
+
+
+def _refuse(field: str, why: str) -> None:
+    raise UsageError(f"{field}: {why}")
+
+
+def check_option(key: str, value: Any, models: Models, name: Optional[str] = None) -> None:
+    """Refuse an option (/options, override_settings) whose value would change what sfumato does;
+    errors call it `name` (default: key)."""
+    name = name or key
+    if key == "sd_model_checkpoint":
+        if value not in (_title(models), models.name, getattr(models.pipe, "hash", None)):
+            _refuse(name, f"only {_title(models)!r} is loaded (start the server with another --model to serve another)")
+    elif key == "samples_format":
+        if value != "png":
+            _refuse(name, f"only 'png' is written, got {value!r}")
+    elif key == "CLIP_stop_at_last_layers":
+        if value != 1:
+            _refuse(name, f"only 1 is supported, got {value!r}")
+    elif key == "sd_vae":
+        if value not in (None, "Automatic", "None"):
+            _refuse(name, f"only the model's own VAE ('Automatic') is available, got {value!r}")
+    elif key == "eta_noise_seed_delta":
+        if value != 0:
+            _refuse(name, f"only 0 is supported, got {value!r}")
+    elif key in UI_OPTIONS:
+        if not isinstance(value, UI_OPTIONS[key]):
+            _refuse(name, f"must be a {UI_OPTIONS[key].__name__}, got {value!r}")
+    else:
+        raise UsageError(f"unknown option {name!r}; sfumato takes {', '.join(OPTIONS)}")
+
+
+def _check_fields(req: A1111Request, sampler: str, models: Models) -> None:
+    """422 naming the first field whose value sfumato cannot honour."""
+    if req.styles:
+        _refuse("styles", "sfumato has no saved styles; put the words in the prompt")
+    if req.subseed_strength:
+        _refuse("subseed_strength", "variation seeds are not supported; send 0")
+    for f in ("seed_resize_from_h", "seed_resize_from_w"):
+        if (getattr(req, f) or 0) > 0:
+            _refuse(f, "resizing from a seed is not supported; send -1")
+    if req.restore_faces:
+        _refuse("restore_faces", "sfumato has no face restoration")
+    if req.tiling:
+        _refuse("tiling", "tiling images are not supported")
+    base = _variant(sampler)[0]
+    if req.eta is not None and base in FIXED_ETA and req.eta != FIXED_ETA[base]:
+        _refuse("eta", f"sampler {sampler} runs at eta {FIXED_ETA[base]:g} only, got {req.eta:g}")
+    if req.s_min_uncond:
+        _refuse("s_min_uncond", "skipping the negative prompt at low sigmas is not supported; send 0")
+    if req.s_churn:
+        _refuse("s_churn", "sigma churn is not supported; send 0")  # s_tmin, s_tmax bound the churn only
+    if req.s_noise is not None and req.s_noise != 1:
+        _refuse("s_noise", f"only 1 is supported, got {req.s_noise:g}")
+    for key, value in (req.override_settings or {}).items():
+        check_option(key, value, models, f"override_settings.{key}")
+    if req.refiner_checkpoint not in (None, "", "None"):
+        _refuse("refiner_checkpoint", "sfumato has no refiner")
+    if req.firstpass_image:
+        _refuse("firstpass_image", "not supported; send the image to /sdapi/v1/img2img")
+    for f in ("token_merging_ratio", "token_merging_ratio_hr"):
+        if getattr(req, f):
+            _refuse(f, "token merging is not supported; send 0")
+    if req.infotext:
+        _refuse("infotext", "send the parameters as fields (POST /sdapi/v1/png-info parses an infotext)")
+    if req.script_name:
+        _refuse("script_name", "sfumato runs no scripts")
+    if req.script_args:
+        _refuse("script_args", "sfumato runs no scripts")
+    if req.alwayson_scripts:
+        _refuse("alwayson_scripts", f"sfumato runs no scripts, got {', '.join(req.alwayson_scripts)}")
+    if req.save_images:
+        _refuse("save_images", "this server keeps no files; the images come back in the answer")
+
+
+# ---------------------------------------------------------------- image operations (on the lane)
+
+
+def _resize(img, mode: int, w: int, h: int, resample):
+    """AUTOMATIC1111's resize modes: 0 stretch, 1 scale to cover and crop the middle, 2 scale to fit
+    and fill the sides by stretching the edge rows or columns."""
+    from PIL import Image
+
+    if mode == 0 or img.size == (w, h):
+        return img.resize((w, h), resample)
+    iw, ih = img.size
+    by_width = (mode == 1) == (w / h > iw / ih)  # crop: cover the target; fill: fit inside it
+    sw, sh = (w, max(1, round(ih * w / iw))) if by_width else (max(1, round(iw * h / ih)), h)
+    scaled = img.resize((sw, sh), resample)
+    if mode == 1:
+        left, top = (sw - w) // 2, (sh - h) // 2
+        return scaled.crop((left, top, left + w, top + h))
+    out = Image.new(img.mode, (w, h))
+    x, y = (w - sw) // 2, (h - sh) // 2
+    out.paste(scaled, (x, y))
+    if sw < w:  # stretch the outer columns into the gaps
+        if x > 0:
+            out.paste(scaled.crop((0, 0, 1, sh)).resize((x, sh), resample), (0, 0))
+        if w - x - sw > 0:
+            out.paste(scaled.crop((sw - 1, 0, sw, sh)).resize((w - x - sw, sh), resample), (x + sw, 0))
+    elif sh < h:
+        if y > 0:
+            out.paste(scaled.crop((0, 0, sw, 1)).resize((sw, y), resample), (0, 0))
+        if h - y - sh > 0:
+            out.paste(scaled.crop((0, sh - 1, sw, sh)).resize((sw, h - y - sh), resample), (0, y + sh))
+    return out
+
+
+def _fill_masked(img, mask):
+    """AUTOMATIC1111's "fill": the masked area painted with ever less blurred colours from around it."""
+    from PIL import Image, ImageFilter, ImageOps
+
+    known = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    known.paste(img.convert("RGBA"), mask=ImageOps.invert(mask.convert("L")))
+    out = Image.new("RGBA", img.size)
+    for radius, times in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        # blur in premultiplied alpha, so unknown (transparent) pixels add no black
+        layer = known.convert("RGBa").filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(times):
+            out.alpha_composite(layer)
+    return out.convert("RGB")
+
+
+def _crop_box(mask, pad: int, w: int, h: int):
+    """The masked area plus `pad` pixels, grown to the aspect of w x h and kept inside the image
+    (AUTOMATIC1111's "only masked"); None for an empty mask."""
+    box = mask.point(lambda v: 255 if v > 0 else 0).getbbox()
+    if box is None:
+        return None
+    iw, ih = mask.size
+    x1, y1, x2, y2 = max(box[0] - pad, 0), max(box[1] - pad, 0), min(box[2] + pad, iw), min(box[3] + pad, ih)
+    bw, bh = x2 - x1, y2 - y1
+    if bw / bh < w / h:  # too narrow: widen
+        grow = min(round(bh * w / h), iw) - bw
+        x1 = min(max(x1 - grow // 2, 0), iw - bw - grow)
+        x2 = x1 + bw + grow
+    else:
+        grow = min(round(bw * h / w), ih) - bh
+        y1 = min(max(y1 - grow // 2, 0), ih - bh - grow)
+        y2 = y1 + bh + grow
+    return x1, y1, x2, y2
+
+
+@dataclasses.dataclass
+class Inpaint:
+    """How an img2img request's images are prepared and its results composited."""
+
+    resize_mode: int = 0
+    blur: tuple[int, int] = (0, 0)
+    invert: bool = False
+    fill: bool = False
+    only_masked: bool = False
+    padding: int = 32
+
+    def prepare(self, spec: GenSpec) -> dict:
+        """Fit init image and mask to the generation size; returns what `finish` needs."""
+        from PIL import Image, ImageOps
+
+        w, h = spec.width, spec.height
+        init, mask = spec.init_image, spec.mask
+        state: dict = {"alpha": None, "box": None, "init": init, "base": None}
+        if self.resize_mode and (mask is None or not self.only_masked):
+            init = _resize(init, self.resize_mode, w, h, Image.LANCZOS)
+        if mask is None:
+            spec.init_image = init
+            return state
+        mask = mask.convert("L")
+        if self.invert:
+            mask = ImageOps.invert(mask)
+        if self.blur != (0, 0):
+            mask = _blur(mask, self.blur)
+        box = _crop_box(mask, self.padding, w, h) if self.only_masked else None
+        if box is not None:
+            state["box"] = box
+            init, mask = init.crop(box).resize((w, h), Image.LANCZOS), mask.crop(box).resize((w, h), Image.LANCZOS)
+        elif self.resize_mode:
+            mask = _resize(mask, self.resize_mode, w, h, Image.LANCZOS)
+        if init.size != (w, h):  # as the pipeline fits them
+            init, mask = init.resize((w, h), Image.BICUBIC), mask.resize((w, h), Image.NEAREST)
+        if self.blur != (0, 0) or box is not None:
+            # repaint wherever the blurred mask reaches; its soft edge fades the result into the picture
+            state["alpha"], state["base"] = mask.point(lambda v: min(255, 2 * v)), init
+            mask = mask.point(lambda v: 255 if v > 0 else 0)
+        if self.fill:
+            init = _fill_masked(init, mask.point(lambda v: 255 if v >= 128 else 0))
+        spec.init_image, spec.mask = init, mask
+        return state
+
+    def finish(self, item: dict, state: dict) -> dict:
+        from PIL import Image
+
+        if state["alpha"] is None:
+            return item
+        out = Image.open(io.BytesIO(item["png"])).convert("RGB")
+        if state["box"] is None:
+            base = state["base"].copy()
+            base.paste(out, (0, 0), state["alpha"])
+            out = base
+        else:  # "only masked": the repainted crop goes back into the whole init image
+            x1, y1, x2, y2 = state["box"]
+            size = (x2 - x1, y2 - y1)
+            whole = state["init"].copy()
+            whole.paste(out.resize(size, Image.LANCZOS), (x1, y1), state["alpha"].resize(size, Image.LANCZOS))
+            out = whole
+        return {**item, "png": _png(out, item["parameters"])}
+
+
+def _blur(mask, radii: tuple[int, int]):
+    from PIL import ImageFilter
+
+    rx, ry = radii
+    if rx == ry:
+        return mask.filter(ImageFilter.GaussianBlur(rx))
+    # separable: one direction at a time
+    m = mask.filter(ImageFilter.GaussianBlur((rx, 0))) if rx else mask
+    return m.filter(ImageFilter.GaussianBlur((0, ry))) if ry else m
+
+
+def _png(img, parameters: str) -> bytes:
+    from ..images import png_bytes
+
+    img.info["parameters"] = parameters
+    return png_bytes(img)
+
+
+class _Pass:
+    """One pass of a two-pass job: reports its steps as part of the whole job's."""
+
+    def __init__(self, job: Job, done: int, after: int):
+        self._job, self._done, self._after = job, done, after
+
+    step = property(lambda self: self._job.step, lambda self, v: setattr(self._job, "step", self._done + v))
+    total = property(lambda self: self._job.total,
+                     lambda self, v: setattr(self._job, "total", self._done + v + self._after))
+    preview = property(lambda self: self._job.preview, lambda self, v: setattr(self._job, "preview", v))
+    progress = property(lambda self: self._job.progress)
+
+    def __getattr__(self, name: str):  # the rest (check, emit, cancel state) is the job's own
+        return getattr(self._job, name)
+
+
+# ---------------------------------------------------------------- hires fix
+
+
+UPSCALERS = {"Lanczos": "LANCZOS", "Nearest": "NEAREST", "None": "LANCZOS"}
+
+
+@dataclasses.dataclass
+class Hires:
+    """The second pass of AUTOMATIC1111's hires fix: each image upscaled in pixels, then img2img."""
+
+    spec: GenSpec  # size, steps, sampler, prompts and strength of the second pass
+    upscaler: str
+    crop: tuple[int, int]  # the size the upscale covers before its middle is cut to spec's size
+    extra: dict
+
+
+def _hires(req: Txt2ImgRequest, first: GenSpec, sampler: str, models: Models, server: Server) -> Hires:
+    pipe, limits = models.pipe, server.limits
+    upscaler = "Lanczos" if req.hr_upscaler in (None, "") else req.hr_upscaler
+    if upscaler not in UPSCALERS:
+        _refuse("hr_upscaler", f"{upscaler!r} is not available (sfumato upscales in pixels before the second "
+                f"pass); choose from {', '.join(UPSCALERS)}")
+    if (req.hr_checkpoint_name or "").lower() not in _SAME:
+        check_option("sd_model_checkpoint", req.hr_checkpoint_name, models, "hr_checkpoint_name")
+    w, h = first.width, first.height
+    rx, ry = req.hr_resize_x or 0, req.hr_resize_y or 0
+    extra: dict = {}
+    if rx <= 0 and ry <= 0:  # AUTOMATIC1111's target size rule
+        scale = 2.0 if req.hr_scale is None else req.hr_scale
+        check_range("hr_scale", scale, 1, limits.max_side / max(w, h))
+        tw, th = int(w * scale), int(h * scale)
+        cw, ch = tw, th
+        extra["Hires upscale"] = f"{scale:g}"
+    else:
+        if rx <= 0:
+            tw, th = ry * w // h, ry
+        elif ry <= 0:
+            tw, th = rx, rx * h // w
+        else:
+            tw, th = rx, ry
+        cw, ch = (tw, tw * h // w) if w / h < tw / th else (th * w // h, th)  # cover, then crop the middle
+        extra["Hires resize"] = f"{rx}x{ry}"
+    for name, side in (("hires width", tw), ("hires height", th)):
+        if side % pipe.multiple or not pipe.multiple <= side <= limits.max_side:
+            raise UsageError(f"{name} {side} (from hr_scale or hr_resize_x/y) must be a multiple of {pipe.multiple} "
+                             f"between {pipe.multiple} and {limits.max_side}")
+    strength = DEFAULT_STRENGTH if req.denoising_strength is None else req.denoising_strength
+    check_range("denoising_strength", strength, 0, 1)
+    steps = req.hr_second_pass_steps or first.steps
+    hr_sampler = sampler
+    if (req.hr_sampler_name or "").lower() not in _SAME or (req.hr_scheduler or "").lower() not in _SAME:
+        name = req.hr_sampler_name if (req.hr_sampler_name or "").lower() not in _SAME else _variant(sampler)[0]
+        sched = req.hr_scheduler if (req.hr_scheduler or "").lower() not in _SAME else _variant(sampler)[1]
+        hr_sampler = resolve_sampler(name, sched, "hr_scheduler")
+    prompt = req.hr_prompt or first.prompt
+    negative = req.hr_negative_prompt or first.negative
+    spec = prepare(models, limits, prompt, negative, first.seed, steps, first.guidance, hr_sampler, tw, th, 1)
+    spec.strength = strength
+    extra.update({"Hires steps": steps, "Hires upscaler": upscaler, "Denoising strength": f"{strength:g}"})
+    if hr_sampler != sampler:
+        extra["Hires sampler"] = hr_sampler
+    if prompt != first.prompt:
+        extra["Hires prompt"] = json.dumps(prompt)
+    if negative != first.negative:
+        extra["Hires negative prompt"] = json.dumps(negative)
+    return Hires(spec, upscaler, (cw, ch), extra)
+
+
+def hires_job(models: Models, first: GenSpec, hr: Hires, server: Server):
+    """The job body: the first pass, then for each image its upscale and second pass (seed + i)."""
+    from PIL import Image
+
+    pipe = models.pipe
+    per_image = max(1, min(round(hr.spec.steps * hr.spec.strength), hr.spec.steps))
+
+    def run(job: Job) -> list[dict]:
+        step = _Pass(job, 0, first.n * per_image)
+        try:
+            base = generation(models, first, server.limits)(step)
+        except Stopped:
+            job.result = getattr(step, "result", None)
+            raise
+        done, out = job.step, []
+        for i, item in enumerate(base):
+            img = Image.open(io.BytesIO(item["png"])).convert("RGB")
+            up = img.resize(hr.crop, getattr(Image, UPSCALERS[hr.upscaler]))
+            tw, th = hr.spec.width, hr.spec.height
+            left, top = (hr.crop[0] - tw) // 2, (hr.crop[1] - th) // 2
+            spec = dataclasses.replace(hr.spec, seed=first.seed + i, init_image=up.crop((left, top, left + tw, top + th)))
+            step = _Pass(job, done, (first.n - i - 1) * per_image)
+            try:
+                second = generation(models, spec, server.limits)(step)[0]
+            except Stopped:  # what was finished, and the image the sampler was on
+                job.result = out + (getattr(step, "result", None) or [])
+                raise
+            done = job.step
+            # AUTOMATIC1111's infotext of a hires image: the first pass's settings and the hires ones
+            text = GenerationSettings.parameters(
+                dataclasses.replace(first, seed=first.seed + i, extra={**first.extra, **hr.extra}), pipe.name, pipe.hash)
+            out.append({**second, "parameters": text, "png": _png(Image.open(io.BytesIO(second["png"])), text)})
+        return out
+
+    return run, first.steps + first.n * per_image
+
+
+# ---------------------------------------------------------------- txt2img and img2img
+
+
+async def _wait(job: Job, request: Request, server: Server) -> Job:
+    """Wait for the job; cancel it when the client hangs up (nobody would read the answer)."""
+    done = asyncio.wrap_future(job.finished_future)
+    while not done.done():
+        await asyncio.wait([done], timeout=0.25)
+        if not done.done() and await request.is_disconnected():
+            server.queue.cancel(job)
+            break
+    return await wait_for(job)
+
+
+async def _run(req: A1111Request, request: Request, server: Server, models: Models) -> dict:
+    img2img = isinstance(req, Img2ImgRequest)
+    batch, n_iter = (1 if v is None else v for v in (req.batch_size, req.n_iter))
+    if batch < 1 or n_iter < 1:
+        raise UsageError(f"batch_size and n_iter must be at least 1, got {batch} and {n_iter}")
+    n = batch * n_iter  # image i uses seed + i, as AUTOMATIC1111's all_seeds
+    sampler = resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler)
+    _check_fields(req, sampler, models)
+    init = mask = inpaint = hr = None
+    if img2img:
+        init, mask, inpaint = _img2img_fields(req)
+    else:
+        for f in ("firstphase_width", "firstphase_height"):
+            if getattr(req, f):
+                _refuse(f, "the old hires-fix sizes are not supported; send width, height and hr_scale or hr_resize_x/y")
+    strength = DEFAULT_STRENGTH if req.denoising_strength is None else req.denoising_strength
+    spec = prepare(models, server.limits, req.prompt or "", req.negative_prompt or "",
+                   -1 if req.seed is None else req.seed, 20 if req.steps is None else req.steps,
+                   7.0 if req.cfg_scale is None else req.cfg_scale, sampler, req.width or 0, req.height or 0, n,
+                   init, mask, strength)
+    warnings = []
+    native = models.pipe.native
+    if (spec.width, spec.height) != (native, native):
+        warnings.append(f"{spec.width}x{spec.height} is not the model's native size {native}x{native}: it draws "
+                        f"best and fastest at {native}x{native} (send width and height {native}, or 0)")
+    if inpaint is not None:
+        body, total = _img2img_job(models, spec, inpaint, server), spec.steps
+    elif isinstance(req, Txt2ImgRequest) and req.enable_hr:
+        hr = _hires(req, spec, sampler, models, server)
+        body, total = hires_job(models, spec, hr, server)
+    else:
+        body, total = generation(models, spec, server.limits), spec.steps
+    job = await _wait(submit(server, "generate", body, total=total), request, server)
     results = job.result or []  # interrupted: what the sampler had reached
     infotexts = [r["parameters"] for r in results]
+    extra = {k: v for k, v in spec.extra.items()}
+    if hr is not None:
+        extra.update(hr.extra)
     info = {"prompt": spec.prompt, "all_prompts": [spec.prompt] * len(results), "negative_prompt": spec.negative,
             "all_negative_prompts": [spec.negative] * len(results), "seed": spec.seed,
             "all_seeds": [r["seed"] for r in results], "subseed": -1, "all_subseeds": [-1] * len(results),
             "subseed_strength": 0, "width": spec.width, "height": spec.height, "sampler_name": spec.scheduler,
-            "cfg_scale": spec.guidance, "steps": spec.steps, "batch_size": req.batch_size,
+            "cfg_scale": spec.guidance, "steps": spec.steps, "batch_size": batch,
             "restore_faces": False, "sd_model_name": models.pipe.name, "sd_model_hash": models.pipe.hash,
-            "denoising_strength": strength if init is not None else None, "extra_generation_params": {},
-            "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "clip_skip": 1,
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
-            "interrupted": job.status == "cancelled"}
+            "denoising_strength": strength if init is not None or hr is not None else None,
+            "extra_generation_params": extra, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+            "clip_skip": 1, "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
+            "interrupted": job.status == "cancelled", "warnings": warnings}
     params = req.model_dump()
-    if init is not None:
+    if img2img:
         params.update(init_images=None, mask=None)  # as AUTOMATIC1111: the inputs are not echoed back
-    return {"images": [b64(r["png"]) for r in results], "parameters": params, "info": json.dumps(info)}
+    images = [b64(r["png"]) for r in results] if req.send_images is not False else []
+    return {"images": images, "parameters": params, "info": json.dumps(info)}
+
+
+def _img2img_fields(req: Img2ImgRequest) -> tuple[str, Optional[str], Inpaint]:
+    if len(req.init_images or []) != 1:
+        raise UsageError(f"init_images must hold exactly one image, got {len(req.init_images or [])}")
+    if req.resize_mode not in (None, 0, 1, 2):
+        _refuse("resize_mode", f"0 (just resize), 1 (crop and resize) or 2 (resize and fill), got {req.resize_mode}")
+    if req.initial_noise_multiplier not in (None, 1):
+        _refuse("initial_noise_multiplier", f"only 1 is supported, got {req.initial_noise_multiplier:g}")
+    if req.latent_mask:
+        _refuse("latent_mask", "a separate latent mask is not supported")
+    inpaint = Inpaint(resize_mode=req.resize_mode or 0)
+    if req.mask:
+        blur = req.mask_blur or 0
+        bx = blur if req.mask_blur_x is None or req.mask_blur is not None else req.mask_blur_x
+        by = blur if req.mask_blur_y is None or req.mask_blur is not None else req.mask_blur_y
+        for name, v in (("mask_blur", bx), ("mask_blur", by)):
+            check_range(name, v, 0, 64)
+        if req.mask_round is False:
+            _refuse("mask_round", "the latent mask is always rounded; send true")
+        if req.inpainting_fill not in (None, 0, 1):
+            _refuse("inpainting_fill", f"0 (fill) or 1 (original) only, got {req.inpainting_fill}")
+        if req.inpainting_mask_invert not in (None, 0, 1):
+            _refuse("inpainting_mask_invert", f"0 or 1, got {req.inpainting_mask_invert}")
+        if req.inpaint_full_res and req.resize_mode:
+            _refuse("resize_mode", "with inpaint_full_res (only masked) only 0 applies")
+        padding = 32 if req.inpaint_full_res_padding is None else req.inpaint_full_res_padding
+        check_range("inpaint_full_res_padding", padding, 0, 256)
+        inpaint = dataclasses.replace(inpaint, blur=(bx, by), invert=bool(req.inpainting_mask_invert),
+                                      fill=req.inpainting_fill == 0, only_masked=bool(req.inpaint_full_res),
+                                      padding=padding)
+    return req.init_images[0], req.mask, inpaint
+
+
+def _img2img_job(models: Models, spec: GenSpec, inpaint: Inpaint, server: Server):
+    """The job body: fit the images (on the lane: blurs of big images take a while), generate, composite."""
+    extra = {}
+    if spec.mask is not None:
+        if inpaint.blur != (0, 0):
+            extra["Mask blur"] = inpaint.blur[0] if inpaint.blur[0] == inpaint.blur[1] else f"{inpaint.blur}"
+        if inpaint.invert:
+            extra["Mask mode"] = "Inpaint not masked"
+        extra["Masked content"] = "fill" if inpaint.fill else "original"
+        if inpaint.only_masked:
+            extra.update({"Inpaint area": "Only masked", "Masked area padding": inpaint.padding})
+    if inpaint.resize_mode:
+        extra["Resize mode"] = ("Just resize", "Crop and resize", "Resize and fill")[inpaint.resize_mode]
+    spec.extra = {**spec.extra, **extra}
+    run = generation(models, spec, server.limits)
+
+    def body(job: Job) -> list[dict]:
+        state = inpaint.prepare(spec)
+        return [inpaint.finish(item, state) for item in run(job)]
+
+    return body
 
 
 @router.post("/txt2img")
-async def txt2img(req: Txt2ImgRequest, server: Server = Depends(get_server), models: Models = Depends(get_models)):
-    return await _run(req, server, models)
+async def txt2img(req: Txt2ImgRequest, request: Request, server: Server = Depends(get_server),
+                  models: Models = Depends(get_models)):
+    return await _run(req, request, server, models)
 
 
 @router.post("/img2img")
-async def img2img(req: Img2ImgRequest, server: Server = Depends(get_server), models: Models = Depends(get_models)):
-    if len(req.init_images) != 1:
-        raise UsageError(f"init_images must hold exactly one image, got {len(req.init_images)}")
-    return await _run(req, server, models, req.init_images[0], req.mask)
+async def img2img(req: Img2ImgRequest, request: Request, server: Server = Depends(get_server),
+                  models: Models = Depends(get_models)):
+    return await _run(req, request, server, models)
+
+
+# ---------------------------------------------------------------- the rest of the API
 
 
 @router.get("/progress")
@@ -131,6 +704,15 @@ def samplers():
             for name, (cls, kw) in SCHEDULERS.items()]
 
 
+@router.get("/schedulers")
+def schedulers():
+    """The schedule types sfumato offers (send one as `scheduler`; GET /samplers for the samplers)."""
+    names = {label: name for name, label in SCHEDULE_TYPES.items()}
+    rho = {"Karras": 7.0}
+    return [{"name": names[label], "label": label, "aliases": None, "default_rho": rho.get(label, -1),
+             "need_inner_model": False} for label in offered_schedules()]
+
+
 def _title(models: Models) -> str:
     return f"{models.name} [{models.pipe.hash}]" if models.pipe is not None else models.name
 
@@ -145,43 +727,27 @@ def sd_models(models: Models = Depends(get_models)):
 @router.get("/options")
 def get_options(server: Server = Depends(get_server), models: Models = Depends(get_models)):
     return {"sd_model_checkpoint": _title(models), "sd_checkpoint_hash": models.pipe.hash if models.pipe else None,
-            "samples_format": "png", "live_previews_enable": True, "CLIP_stop_at_last_layers": 1,
-            **server.options}
+            "samples_format": "png", "live_previews_enable": True, "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
+            "eta_noise_seed_delta": 0, **server.options}
 
 
-# Options a client may set; sfumato stores them and reports them back (its behaviour does not change).
-SETTABLE = {"live_previews_enable": bool, "show_progress_every_n_steps": int, "show_progress_type": str,
-            "sd_vae": str, "eta_noise_seed_delta": int}
+# Options that only change how progress is shown: stored and reported back.
+UI_OPTIONS = {"live_previews_enable": bool, "show_progress_every_n_steps": int, "show_progress_type": str}
+OPTIONS = ("sd_model_checkpoint", "samples_format", "CLIP_stop_at_last_layers", "sd_vae", "eta_noise_seed_delta",
+           *UI_OPTIONS)
 
 
 @router.post("/options")
 def set_options(body: dict[str, Any], server: Server = Depends(get_server), models: Models = Depends(get_models)):
     for key, value in body.items():
-        if key == "sd_model_checkpoint":
-            if value not in (_title(models), models.name, getattr(models.pipe, "hash", None)):
-                raise UsageError(f"sd_model_checkpoint: only {_title(models)!r} is loaded "
-                                 "(start the server with another --model to serve another)")
-        elif key == "samples_format":
-            if value != "png":
-                raise UsageError(f"samples_format: only 'png' is written, got {value!r}")
-        elif key == "CLIP_stop_at_last_layers":
-            if value != 1:
-                raise UsageError(f"CLIP_stop_at_last_layers: only 1 is supported, got {value!r}")
-        elif key in SETTABLE:
-            if not isinstance(value, SETTABLE[key]):
-                raise UsageError(f"{key} must be a {SETTABLE[key].__name__}, got {value!r}")
-            server.options[key] = value
-        else:
-            raise UsageError(f"unknown option {key!r}; settable: sd_model_checkpoint, samples_format, "
-                             f"CLIP_stop_at_last_layers, {', '.join(SETTABLE)}")
+        check_option(key, value, models)
+    server.options.update({k: v for k, v in body.items() if k in UI_OPTIONS})
     return None
 
 
 @router.post("/png-info")
 def png_info(req: PngInfoRequest, server: Server = Depends(get_server)):
     """The generation parameters stored in a PNG (sfumato or AUTOMATIC1111)."""
-    import io
-
     from PIL import Image
 
     data = decode_b64(req.image, "image")

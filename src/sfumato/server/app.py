@@ -3,6 +3,10 @@ native, AUTOMATIC1111 and clip-retrieval routers.
 
 Nothing is loaded at import: `create_app(loader)` returns an app whose start-up runs `loader()` in
 a thread; /readyz answers 503 until it has finished, /healthz 200 all along.
+
+Stopping: `app.state.server.drain()` (the CLI calls it on SIGTERM/SIGINT, before uvicorn waits for open
+responses) refuses new requests with 503, fails the waiting jobs and stops the running one, so event
+streams end and the process can exit.
 """
 
 from __future__ import annotations
@@ -15,14 +19,16 @@ from typing import Callable
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import Headers
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..errors import SfumatoError, UsageError
 from .a1111 import router as a1111
-from .deps import Server, require_key, require_key_browser
-from .jobs import JobQueue
+from .deps import KEY_MISSING, Server, key_in_headers, require_key, require_key_browser
+from .jobs import JobQueue, QueueFull
 from .knn import router as knn
 from .limits import Limits
+from .media import UnsupportedImage, clean
 from .models import Models
 from .native import router as native
 
@@ -70,19 +76,21 @@ def create_app(loader: Callable[[], Models], api_key: str | None = None, limits:
                   "back-end at /knn-service, /indices-list, /metadata.")
     app.state.server = server
     app.add_middleware(BodyCap, max_body=limits.max_body)
+    app.add_middleware(Gate, server=server)  # outside BodyCap: refuses before any body is read
     app.add_middleware(SameOrigin, hosts=hosts)
     if hosts is not None:  # DNS rebinding: a page of evil.example resolved to 127.0.0.1 sends Host: evil.example
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
     _add_error_handlers(app)
 
+    # async: answered on the event loop, not after a hop to the thread pool, which a flood keeps busy
     @app.get("/healthz", tags=["health"])
-    def healthz():
+    async def healthz():
         return {"status": "ok"}
 
     auth = [Depends(require_key)]
 
     @app.get("/readyz", tags=["health"], dependencies=auth)
-    def readyz():
+    async def readyz():
         if server.models is None:
             detail = f"cannot load models: {server.load_error}" if server.load_error else "models are loading"
             return JSONResponse({"status": "not ready", "detail": detail}, status_code=503)
@@ -121,13 +129,17 @@ def _add_docs(app: FastAPI, auth: list) -> None:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(UnsupportedImage)
+    async def unsupported(request, exc: UnsupportedImage):
+        return JSONResponse({"detail": clean(str(exc))}, status_code=415)
+
     @app.exception_handler(UsageError)
     async def usage(request, exc: UsageError):
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        return JSONResponse({"detail": clean(str(exc))}, status_code=422)
 
     @app.exception_handler(SfumatoError)
     async def failure(request, exc: SfumatoError):
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        return JSONResponse({"detail": clean(str(exc))}, status_code=422)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -174,6 +186,40 @@ class SameOrigin:
         if o.netloc.lower() == host.decode("latin-1").lower():
             return True
         return (f"[{name}]" if ":" in name else name) in self.hosts
+
+
+class Gate:
+    """Refusals decided from the request line and headers alone, before a body is read or parsed, so
+    they stay cheap under a flood: once the server is stopping, 503 for everything but /healthz; with a
+    key set, 401 for a state-changing request without it (every such route needs it); 429 for a new
+    generation while the queue is full (the route's submit() checks again). Our own ASGI code: FastAPI
+    dependencies run only after the body has been read and parsed."""
+
+    QUEUED = frozenset({"/v1/generate", "/v1/explain", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"})
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            response = self._refusal(scope)
+            if response is not None:
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        server, path, method = self.server, scope["path"], scope["method"]
+        if server.stopping and path != "/healthz":
+            return JSONResponse({"detail": "the server is shutting down"}, status_code=503,
+                                headers={"Connection": "close"})
+        if method.encode() in SAFE_METHODS:
+            return None
+        if server.api_key and not key_in_headers(Headers(scope=scope), server.api_key):
+            return JSONResponse({"detail": KEY_MISSING}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        if method == "POST" and path in self.QUEUED and server.queue.full():
+            e = QueueFull(server.queue.retry_after(), server.queue.max_queue)
+            return JSONResponse({"detail": str(e)}, status_code=429, headers={"Retry-After": str(e.retry_after)})
+        return None
 
 
 class BodyCap:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from fastapi import HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 
-from .jobs import Job, JobQueue, QueueFull
+from .jobs import Job, JobQueue, QueueClosed, QueueFull
 from .limits import Limits
 from .models import Models
 
@@ -25,6 +25,15 @@ class Server:
     models: Models | None = None
     load_error: str | None = None
     options: dict = field(default_factory=dict)  # AUTOMATIC1111 /options the client may set
+
+    def drain(self, reason: str = "the server is shutting down") -> None:
+        """Start stopping: new work gets 503, waiting jobs fail, the running one stops at its next check,
+        so every event stream ends. Returns at once."""
+        self.queue.close(reason)
+
+    @property
+    def stopping(self) -> bool:
+        return self.queue.closed
 
 
 def get_server(request: Request) -> Server:
@@ -56,17 +65,18 @@ _bearer = HTTPBearer(auto_error=False)
 _basic = _BasicPassword(auto_error=False)
 
 
+KEY_MISSING = "missing or wrong API key (send Authorization: Bearer KEY or X-API-Key: KEY)"
+
+
 def require_key(request: Request, header: str | None = Security(_header_key),
                 bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
                 basic: HTTPBasicCredentials | None = Security(_basic)) -> None:
-    """401 unless the request carries the server's key: Bearer, X-API-Key or the Basic password."""
+    """401 unless the request carries the server's key: Bearer, X-API-Key or the Basic password. The
+    parameters declare the schemes for /docs; the headers are read by key_in_headers, which app.Gate
+    also uses before a body is read."""
     key = get_server(request).api_key
-    if not key:
-        return
-    given = bearer.credentials.strip() if bearer else basic.password if basic else header or ""
-    if not hmac.compare_digest(given.encode(), key.encode()):
-        raise HTTPException(401, "missing or wrong API key (send Authorization: Bearer KEY or X-API-Key: KEY)",
-                            headers={"WWW-Authenticate": "Bearer"})
+    if key and not key_in_headers(request.headers, key):
+        raise HTTPException(401, KEY_MISSING, headers={"WWW-Authenticate": "Bearer"})
 
 
 def require_key_browser(request: Request, header: str | None = Security(_header_key),
@@ -79,12 +89,38 @@ def require_key_browser(request: Request, header: str | None = Security(_header_
         raise HTTPException(401, e.detail, headers={"WWW-Authenticate": 'Basic realm="sfumato"'}) from None
 
 
+def key_in_headers(headers, key: str) -> bool:
+    """Whether request headers carry `key`: a Bearer token, else the password of HTTP Basic (as
+    AUTOMATIC1111 clients send --api-auth user:password; malformed: none), else X-API-Key. Parsed as
+    FastAPI's HTTPBearer and HTTPBasic parse them."""
+    import base64
+    import binascii
+
+    from fastapi.security.utils import get_authorization_scheme_param
+
+    authorization = headers.get("authorization")
+    scheme, param = get_authorization_scheme_param(authorization)
+    if scheme.lower() == "bearer" and param:
+        given = param
+    elif scheme.lower() == "basic":
+        try:
+            _, colon, given = base64.b64decode(param).decode("ascii").partition(":")
+        except (ValueError, UnicodeDecodeError, binascii.Error):
+            colon = given = ""
+        given = given if colon else ""
+    else:
+        given = headers.get("x-api-key") or ""
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
 def submit(server: Server, kind: str, run, total: int = 0) -> Job:
-    """Queue a job on the lane, or 429 with Retry-After when the queue is full."""
+    """Queue a job on the lane; 429 with Retry-After when the queue is full, 503 when the server stops."""
     try:
         return server.queue.submit(kind, run, total)
     except QueueFull as e:
         raise HTTPException(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
+    except QueueClosed as e:
+        raise HTTPException(503, str(e), headers={"Connection": "close"}) from None
 
 
 async def wait_for(job: Job) -> Job:

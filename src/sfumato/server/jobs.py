@@ -2,8 +2,8 @@
 
 The pipeline and its scheduler are not re-entrant (diffusers schedulers hold step state, and the
 explain views swap the UNet's attention processors), so every use of them goes through this lane.
-A job's step callback calls `job.check()`, which raises when the job was cancelled or ran out of
-time, so either stops within one sampler step.
+A job calls `job.check()` often (work.stoppable: before every UNet and VAE layer), which raises when
+the job was cancelled, ran out of time or the server is stopping.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ class QueueFull(Exception):
     def __init__(self, retry_after: int, limit: int):
         super().__init__(f"the generation queue is full ({limit} jobs waiting); retry in {retry_after} s")
         self.retry_after = retry_after
+
+
+class QueueClosed(Exception):
+    """The server is stopping: no new jobs."""
 
 
 def _running_future() -> concurrent.futures.Future:
@@ -59,6 +63,7 @@ class Job:
     finished: float | None = None
     events: list = field(default_factory=list)  # (name, data); readers follow by position
     cancel_flag: threading.Event = field(default_factory=threading.Event)
+    stop_reason: str | None = None  # set with cancel_flag when the server stops it (not the client)
     done: threading.Event = field(default_factory=threading.Event)
     finished_future: concurrent.futures.Future = field(default_factory=_running_future)  # for asyncio waiters
 
@@ -71,10 +76,14 @@ class Job:
     def emit(self, name: str, data: dict) -> None:
         self.events.append((name, data))  # list.append is atomic; readers only read
 
+    @property
+    def cancelled_by_client(self) -> bool:
+        return self.cancel_flag.is_set() and self.stop_reason is None and not self.timed_out
+
     def check(self) -> None:
-        """Stop here if the job was cancelled or has run past its time limit."""
+        """Stop here if the job was cancelled, has run past its time limit or the server is stopping."""
         if self.cancel_flag.is_set():
-            raise Stopped("cancelled")
+            raise Stopped(self.stop_reason or "cancelled")
         if self.started is not None and time.time() - self.started > self.limit:
             self.timed_out = True
             raise Stopped(f"the job ran past its time limit of {self.limit:g} s")
@@ -88,7 +97,7 @@ class JobQueue:
         self._waiting: collections.deque[Job] = collections.deque()
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._cv = threading.Condition()
-        self._stop = False
+        self._closed: str | None = None  # why new jobs are refused (the server is stopping)
         self._thread: threading.Thread | None = None
         self.current: Job | None = None
         self._mean_seconds = 5.0  # running estimate of a job's duration, for Retry-After
@@ -99,24 +108,46 @@ class JobQueue:
         self._thread = threading.Thread(target=self._loop, name="sfumato-generation", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def close(self, reason: str = "the server is shutting down") -> None:
+        """Refuse new jobs, fail the waiting ones now and stop the running one at its next check.
+        Returns at once (it is called from the signal path); `stop` also waits for the worker."""
         with self._cv:
-            self._stop = True
-            for job in self._waiting:
+            if self._closed is None:
+                self._closed = reason
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            for job in waiting:
+                job.stop_reason = reason
                 job.cancel_flag.set()
-            if self.current is not None:
+                self._finish(job, "failed", error=reason)
+            if self.current is not None and not self.current.cancel_flag.is_set():
+                self.current.stop_reason = reason
                 self.current.cancel_flag.set()
             self._cv.notify_all()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.close()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def full(self) -> bool:
+        return len(self._waiting) >= self.max_queue
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: the waiting jobs at the running estimate of one job."""
+        return max(1, math.ceil(self._mean_seconds * (len(self._waiting) + 1)))
 
     # ---------------------------------------------------------------- API
 
     def submit(self, kind: str, run: Callable[[Job], Any], total: int = 0) -> Job:
         with self._cv:
+            if self._closed is not None:
+                raise QueueClosed(self._closed)
             if len(self._waiting) >= self.max_queue:
-                wait = self._mean_seconds * (len(self._waiting) + 1)
-                raise QueueFull(max(1, math.ceil(wait)), self.max_queue)
+                raise QueueFull(self.retry_after(), self.max_queue)
             job = Job(uuid.uuid4().hex, kind, run, self.job_seconds, total=total)
             self._jobs[job.id] = job
             self._forget_old()
@@ -152,9 +183,9 @@ class JobQueue:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._stop:
+                while not self._waiting and self._closed is None:
                     self._cv.wait()
-                if self._stop:
+                if self._closed is not None:
                     return
                 job = self._waiting.popleft()
                 self.current = job
@@ -163,8 +194,7 @@ class JobQueue:
                 job.check()
                 job.result = job.run(job)
             except Stopped as e:
-                status = "failed" if job.timed_out else "cancelled"
-                self._finish(job, status, error=str(e))
+                self._finish(job, "cancelled" if job.cancelled_by_client else "failed", error=str(e))
             except SfumatoError as e:  # the request's fault: the job fails, the lane goes on
                 job.user_error = True
                 self._finish(job, "failed", error=str(e))

@@ -1,18 +1,23 @@
 """clip-retrieval's back-end API (/knn-service, /indices-list, /metadata), so its front-end and
 clients query sfumato indexes unchanged.
 
-Results carry id, similarity, caption and the image as base64 (clip-retrieval returns `image` for
-indexes of local files). The server fetches nothing: `image_url` is refused. Filters that need
-models sfumato does not have (safety, violence, aesthetic score) are accepted and have no effect.
+Bodies are read as JSON whatever their Content-Type, as clip-retrieval's back end reads them: its
+Python client sends none and its web page sends text/plain. Results carry id, similarity, caption
+and the image as base64 (clip-retrieval returns `image` for indexes of local files). The server
+fetches nothing: `image_url` is refused. Filters that need models sfumato does not have (safety,
+violence, aesthetic embeddings) are accepted and have no effect, as in a clip-retrieval back end
+started without those models.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+from typing import Any, Optional, Union
 
 import numpy as np
-from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ..errors import UsageError
 from .deps import Server, get_models, get_server
@@ -39,8 +44,20 @@ class KnnRequest(BaseModel):
     use_mclip: bool = False
     use_safety_model: bool = False
     use_violence_detector: bool = False
-    aesthetic_score: Optional[str] = None
-    aesthetic_weight: Optional[str] = None
+    # clip-retrieval's client sends numbers, its web page strings ("" for none)
+    aesthetic_score: Union[int, str, None] = None
+    aesthetic_weight: Union[float, str, None] = None
+
+    @field_validator("aesthetic_score", "aesthetic_weight")
+    @classmethod
+    def _number(cls, v, info):
+        """Read as the back end reads them (int(score), float(weight)); a bad value is the client's mistake."""
+        if v is None or v == "":
+            return None
+        try:
+            return int(v) if info.field_name == "aesthetic_score" else float(v)
+        except ValueError:
+            raise ValueError("must be a number or empty") from None
 
 
 class MetadataRequest(BaseModel):
@@ -48,6 +65,27 @@ class MetadataRequest(BaseModel):
 
     ids: list[int]
     indice_name: Optional[str] = None
+
+
+async def json_body(request: Request) -> Any:
+    """The body as JSON, whatever its Content-Type (flask's get_json(force=True))."""
+    try:
+        return json.loads(await request.body())
+    except ValueError as e:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": f"JSON decode error ({e})",
+                                       "input": {}}]) from None
+
+
+def _parse(model: type[BaseModel], body: Any) -> BaseModel:
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+
+
+def _body_doc(model: type[BaseModel]) -> dict:
+    """The request schema for /docs (the route reads its body itself)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 @router.get("/indices-list")
@@ -73,10 +111,12 @@ def _query(req: KnnRequest, server: Server, models: Models) -> np.ndarray:
     return embed_query(q.validate(flag=""), models)
 
 
-@router.post("/knn-service")
-def knn_service(req: KnnRequest, server: Server = Depends(get_server), models: Models = Depends(get_models)):
+@router.post("/knn-service", openapi_extra=_body_doc(KnnRequest))
+def knn_service(body: Any = Depends(json_body), server: Server = Depends(get_server),
+                models: Models = Depends(get_models)):
     from ..search import search
 
+    req = _parse(KnnRequest, body)
     if req.modality != "image":
         raise UsageError(f"modality {req.modality!r}: sfumato indexes hold image embeddings only; use 'image'")
     if req.use_mclip:
@@ -92,8 +132,10 @@ def knn_service(req: KnnRequest, server: Server = Depends(get_server), models: M
     return out
 
 
-@router.post("/metadata")
-def metadata(req: MetadataRequest, server: Server = Depends(get_server), models: Models = Depends(get_models)):
+@router.post("/metadata", openapi_extra=_body_doc(MetadataRequest))
+def metadata(body: Any = Depends(json_body), server: Server = Depends(get_server),
+             models: Models = Depends(get_models)):
+    req = _parse(MetadataRequest, body)
     index = find_index(models, req.indice_name)
     check_range("number of ids", len(req.ids), 0, server.limits.max_k)
     rows = index.snapshot.rows(req.ids)

@@ -19,6 +19,18 @@ class Limits:
     max_steps: int = 150
     max_images: int = 8  # images per generation job (batch_size * n_iter)
     max_side: int = 1024  # generated width and height, pixels
+    # Compute, in native-image steps: one image at the model's native size through one sampler step is
+    # 1 (job_cost). max_cost bounds a whole job (8 images x 50 steps at native size cost 400); 1024x1024
+    # x 150 steps on a 64-px model costs 38,400.
+    max_cost: float = 1000.0
+    # One sampler step of the batch, same unit. A cancel is checked before every layer of the UNet and
+    # the VAE decoder (work.stoppable), so it waits for one layer, then for the decode of what the
+    # sampler reached, which a client's cancel returns; that decode grows with the batch's pixels, which
+    # this bounds. At 8 (8 images at native size, or one at 2.8x the native side) a cancel ended the job
+    # in 0.2 s with the 64-px default model on 2 CPU cores, one torch thread (1.5 s with the cores shared
+    # by other work). max_cost alone would allow 1024x1024 in a step or two on a 64-px model: minutes
+    # per VAE decode on a CPU.
+    max_step_cost: float = 8.0
     max_k: int = 200  # search results per query
     max_uploads: int = 64  # images per index-add or classify request
     max_labels: int = 64  # zero-shot labels per classify request
@@ -27,6 +39,32 @@ class Limits:
     job_seconds: float = 600.0  # a running job that takes longer fails (504 on the waiting endpoints)
     keep_jobs: int = 32  # finished jobs (and their images) remembered for GET /v1/jobs/{id}
     preview_seconds: float = 0.5  # at most one step preview per this many seconds
+
+
+def job_cost(width: int, height: int, native: int, steps: int, n: int) -> tuple[float, float]:
+    """(whole job, one sampler step) in native-image steps: (width*height / native**2) * n per step.
+    Sampling time grows at least linearly with pixels (attention faster), so this undercounts large sizes;
+    max_step_cost keeps those sizes small."""
+    step = width * height / native**2 * n
+    return step * steps, step
+
+
+def check_cost(width: int, height: int, native: int, steps: int, n: int, limits: Limits) -> None:
+    """Refuse a generation job over max_cost or max_step_cost, naming its cost and the limits."""
+    total, step = job_cost(width, height, native, steps, n)
+    if total <= limits.max_cost and step <= limits.max_step_cost:
+        return
+    over = "per step" if step > limits.max_step_cost else "per job"
+    size = f"{width}x{height} = {_num(width * height / native**2)} x the native {native}x{native}"
+    raise UsageError(f"this job costs {_num(total)} native-image steps, {_num(step)} per sampler step "
+                     f"({size}, x {steps} steps x {n} image(s)), over the limit {over}; the limits are "
+                     f"{_num(limits.max_cost)} per job and {_num(limits.max_step_cost)} per step: ask for fewer "
+                     "steps, images or pixels")
+
+
+def _num(x: float) -> str:
+    """1,200 or 13.5 or 0.25: thousands separated, at most two decimals, no exponent."""
+    return f"{x:,.2f}".rstrip("0").rstrip(".")
 
 
 def is_loopback(host: str) -> bool:

@@ -294,7 +294,7 @@ def add(name: str, req: AddRequest, server: Server = Depends(get_server), models
     from ..files import atomic_write_bytes, sha256_bytes
     from ..search import add_to_index
     from ..images import png_bytes
-    from .media import decode_b64
+    from .media import decode_b64, decode_image_bytes
 
     limits = server.limits
     index = find_index(models, name)
@@ -302,7 +302,7 @@ def add(name: str, req: AddRequest, server: Server = Depends(get_server), models
     files = []
     for i, item in enumerate(req.images):
         data = decode_b64(item.image, f"images[{i}]")
-        img = decode_b64_image(item.image, limits.max_pixels, f"images[{i}]")  # checked before anything is kept
+        img = decode_image_bytes(data, limits.max_pixels, f"images[{i}]")  # checked before anything is kept
         check_text(f"images[{i}].caption", item.caption or "", limits)
         files.append((sha256_bytes(data), data, img, item.caption))
     with index.write_lock:

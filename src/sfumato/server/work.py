@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..errors import UsageError
 from ..config import DEFAULT_STRENGTH, GenerationSettings
 from ..config import GenerationSettings as S
 from .jobs import Job, Stopped
-from .limits import Limits
+from .limits import Limits, check_cost
 from ..images import png_bytes
 from .media import data_url, decode_b64_image, latent_preview
 
@@ -59,6 +60,8 @@ def prepare(models, limits: Limits, prompt: str, negative: str = S.negative, see
     check_range("seed", seed, 0, 2**32 - 1)
     if mask is not None and init_image is None:
         raise UsageError("a mask needs an init image")
+    if width % pipe.multiple == 0 and height % pipe.multiple == 0:  # else pipe.check names the rule
+        check_cost(width or pipe.native, height or pipe.native, pipe.native, steps, n, limits)
     spec = GenSpec(prompt, negative, seed, steps, guidance, scheduler, width, height,
                    strength if init_image is not None else None, n=n, explain=explain)
     if init_image is not None:
@@ -70,9 +73,34 @@ def prepare(models, limits: Limits, prompt: str, negative: str = S.negative, see
     return spec
 
 
+def stoppable_modules(pipe) -> list:
+    """Every layer of the UNet and the VAE decoder: the units between two cancel checks. A sampler step
+    runs hundreds of them and the VAE decode after the last step is as long as several steps, so a
+    per-step check leaves a cancel waiting for seconds at large sizes; a check per layer costs about a
+    microsecond."""
+    return [m for part in (pipe.unet, pipe.vae.decoder) for m in part.modules()]
+
+
+@contextmanager
+def stoppable(pipe, job: Job):
+    """Check `job` (cancel, time limit, server stopping) before every layer of stoppable_modules, with
+    torch forward pre-hooks; removed on exit. Only the lane runs the pipeline, so hooks of one job never
+    see another's work."""
+    def hook(module, args):
+        job.check()
+
+    handles = [m.register_forward_pre_hook(hook) for m in stoppable_modules(pipe)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def generation(models, spec: GenSpec, limits: Limits):
-    """The job body: generate with a step callback that reports progress and previews and stops the
-    job within one step when it is cancelled or out of time. Returns one dict per image."""
+    """The job body: generate with a step callback that reports progress and previews; the job stops
+    within one UNet or VAE layer when it is cancelled, out of time or the server stops. Returns one
+    dict per image."""
     pipe = models.pipe
 
     def run(job: Job) -> list[dict]:
@@ -81,6 +109,7 @@ def generation(models, spec: GenSpec, limits: Limits):
         def callback(d: dict) -> None:
             last["latents"] = d["latents"]
             job.step, job.total = d["i"] + 1, d["total"]
+            job.check()
             preview = None
             now = time.time()
             if now - last["at"] >= limits.preview_seconds or job.step == job.total:
@@ -88,14 +117,16 @@ def generation(models, spec: GenSpec, limits: Limits):
                 preview, last["at"] = data_url(job.preview), now
             job.emit("step", {"step": job.step, "total": job.total, "progress": round(job.progress, 4),
                               "preview": preview})
-            job.check()
 
         try:
-            result = pipe.generate(spec, n=spec.n, init_image=spec.init_image, mask=spec.mask, callback=callback,
-                                   capture=spec.explain)
+            with stoppable(pipe, job):
+                result = pipe.generate(spec, n=spec.n, init_image=spec.init_image, mask=spec.mask,
+                                       callback=callback, capture=spec.explain)
             images, maps = result if spec.explain else (result, None)
         except Stopped:
-            if "latents" in last:  # what the sampler had reached, as AUTOMATIC1111's interrupt returns
+            # A client's cancel gets what the sampler had reached, as AUTOMATIC1111's interrupt returns
+            # (one decode of the batch, which max_step_cost bounds); a timeout or a stopping server do not.
+            if job.cancelled_by_client and "latents" in last:
                 job.result = _partial(pipe, last["latents"], spec)
             raise
         out = []
@@ -133,7 +164,8 @@ def grounding(models, image, phrases: list[str]):
         from ..explain import ground, overlay, zero_shot
 
         job.total = 1
-        g = ground(models.pipe, image, phrases)
+        with stoppable(models.pipe, job):
+            g = ground(models.pipe, image, phrases)
         job.step = 1
         probs = None
         if models.embedder is not None:

@@ -163,6 +163,11 @@ def test_index_of_another_model_refused_at_load(kit, tmp_path):
         model_loader(other, [kit["index"]])()
 
 
+def test_index_alone_brings_its_own_model(kit):
+    models = model_loader(None, [kit["index"]])()  # as `sfumato search INDEX` takes the index's model
+    assert models.pipe is not None and models.pipe.folder == kit["model"] and "shapes" in models.indexes
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
 def test_loopback_needs_no_key(host):
     check_bind(host, None)

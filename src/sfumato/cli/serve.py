@@ -24,7 +24,8 @@ app = typer.Typer()
 def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; beyond loopback it needs --api-key."),
     port: int = typer.Option(7860, "--port", help="TCP port."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: shipped model)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the first --index's "
+                                         "model, else the shipped one)."),
     index: Optional[list[Path]] = typer.Option(None, "--index", help="Index to serve, by its folder name "
                                                "(repeatable)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SFUMATO_API_KEY",

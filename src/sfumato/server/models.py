@@ -89,7 +89,8 @@ class Models:
 def model_loader(model: str | Path | None, indexes: list[str | Path] = (), device: str | None = None
                  ) -> Callable[[], Models]:
     """A function that loads the model folder (generation if it has a UNet, search if it has clip/)
-    and opens each index, checking it was built with this model's CLIP."""
+    and opens each index, checking it was built with this model's CLIP. Without a model folder, the
+    first index's own model is used (else the shipped one)."""
 
     def load() -> Models:
         from ..embedding import Embedder, resolve_model
@@ -97,7 +98,12 @@ def model_loader(model: str | Path | None, indexes: list[str | Path] = (), devic
         from ..pipeline import DEFAULT_MODEL, load as load_pipeline
         from ..search import check_model
 
-        folder = Path(model) if model is not None else DEFAULT_MODEL
+        if model is None and indexes:
+            from ..search import index_model
+
+            folder = index_model(indexes[0])  # the model the index was built with, as `sfumato search` takes
+        else:
+            folder = Path(model) if model is not None else DEFAULT_MODEL
         if not folder.is_dir():
             raise UsageError(f"model folder {folder} does not exist")
         m = Models()

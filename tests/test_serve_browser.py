@@ -131,8 +131,9 @@ def test_page(served, kit, shots):
                             "seed": "1234", "width": "32", "height": "32", "scheduler": "DPM++ 2M Karras"}
             page.fill("#prompt", "x")
             page.evaluate("text => navigator.clipboard.writeText(text)", PARAMETERS.replace("Steps: 7", "Steps: 9"))
-            page.click("#pasteparams")  # the button reads the clipboard
-            assert page.input_value("#steps") == "9" and page.input_value("#prompt") == "a green cross"
+            page.click("#pasteparams")  # the button reads the clipboard (asynchronously: wait for the form)
+            page.wait_for_function("document.querySelector('#steps').value === '9'", timeout=10_000)
+            assert page.input_value("#prompt") == "a green cross"
 
             # ---- the gallery survives a reload
             page.reload()

@@ -416,3 +416,32 @@ def test_one_pair_is_refused_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "held-out" in err and "at least 2 and 1" in err and "data.holdout" in err
     assert time.time() - t < 20 and not out.exists() and not (tmp_path / "model.partial").exists()
+
+
+def test_sample_grids_of_own_data_show_its_held_out_captions():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sfumato.config import get_preset
+    from sfumato.stages import grid_prompts
+
+    cfg = get_preset("tiny")
+    own = SimpleNamespace(source="xrays/", captions=["a chest x-ray", "a knee", "a knee", "a hand"],
+                          val_idx=np.array([1, 2, 3]))
+    assert grid_prompts(cfg, own) == ["a knee", "a hand"]
+    assert grid_prompts(cfg, SimpleNamespace(source="shapesworld", captions=[], val_idx=[])) == list(
+        cfg.sample_prompts)
+    cfg.sample_prompts = ("a lung",)
+    assert grid_prompts(cfg, own) == ["a lung"]  # prompts the user gave win
+
+
+def test_sample_prompts_file_is_checked_before_training(tmp_path, capsys):
+    from sfumato.cli import main
+
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("# nothing\n")
+    assert main(["train", "--data", "shapesworld", "--out", str(tmp_path / "m"), "--preset", "tiny",
+                 "--sample-prompts", str(empty)]) == 2
+    assert "holds no prompts" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()

@@ -81,6 +81,8 @@ def train_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model or unfinished run."),
     image_column: Optional[str] = typer.Option(None, "--image-column", help=IMAGE_COLUMN_HELP),
     caption_column: Optional[str] = typer.Option(None, "--caption-column", help=CAPTION_COLUMN_HELP),
+    sample_prompts: Optional[Path] = typer.Option(None, "--sample-prompts", help="A file of prompts, one a line, "
+                                                  "for the sample grids (default: held-out captions of the data)."),
     list_keys: bool = typer.Option(False, "--list-keys", callback=_list_keys, is_eager=True,
                                    help="List every config key (for --set) with its default and range, and exit."),
 ) -> None:
@@ -91,6 +93,10 @@ def train_cmd(
 
     cfg = load_config(config) if config else get_preset(preset)
     apply_overrides(cfg, list(set_ or ()))
+    if sample_prompts is not None:
+        from ..generate import read_prompts
+
+        cfg.sample_prompts = tuple(read_prompts(sample_prompts))
     source = PairSource(data, image_column, caption_column) if image_column or caption_column else data
     with one_line_warnings():
         path = train(source, out_dir, cfg, parse_stages(stages), resume=resume, force=force, overwrite=overwrite,

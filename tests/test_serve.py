@@ -229,17 +229,20 @@ def test_page_and_docs(client):
 # ---------------------------------------------------------------- generation jobs
 
 
+def sse_events(lines):
+    """(event name, data) pairs of a server-sent-event stream's lines, as they arrive."""
+    name = None
+    for line in lines:
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            yield name, json.loads(line[6:])
+
+
 def read_events(c, job_id: str) -> list[tuple[str, dict]]:
-    out = []
     with c.stream("GET", f"/v1/jobs/{job_id}/events") as r:
         assert r.headers["content-type"].startswith("text/event-stream")
-        name = None
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                out.append((name, json.loads(line[6:])))
-    return out
+        return list(sse_events(r.iter_lines()))
 
 
 def test_generate_job_status_events_and_images(client):

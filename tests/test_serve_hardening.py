@@ -9,7 +9,7 @@ import time
 import pytest
 
 pytest.importorskip("fastapi")
-from test_serve import blocker, build_kit, detail, make_client, sample_b64, wait_ready  # noqa: E402
+from test_serve import blocker, build_kit, detail, make_client, sample_b64, sse_events, wait_ready  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -342,19 +342,14 @@ def test_a_missing_key_is_refused_before_the_body_is_parsed(kit):
 
 
 def _events_in_thread(c, job_id: str) -> tuple:
-    import json
     import threading
 
     out: list = []
 
     def read():
         with c.stream("GET", f"/v1/jobs/{job_id}/events") as r:
-            name = None
-            for line in r.iter_lines():
-                if line.startswith("event: "):
-                    name = line[7:]
-                elif line.startswith("data: "):
-                    out.append((name, json.loads(line[6:])))
+            for event in sse_events(r.iter_lines()):  # each one visible to the test as it arrives
+                out.append(event)
 
     t = threading.Thread(target=read, daemon=True)
     t.start()
@@ -390,7 +385,6 @@ def test_drain_fails_jobs_closes_streams_and_refuses_new_work(kit):
 
 
 def test_sigterm_with_an_open_event_stream_exits_within_seconds(kit):
-    import json
     import os
     import signal
     import socket
@@ -432,12 +426,8 @@ def test_sigterm_with_an_open_event_stream_exits_within_seconds(kit):
 
         def read():
             with httpx.stream("GET", f"{base}/v1/jobs/{queued}/events", timeout=60) as r:
-                name = None
-                for line in r.iter_lines():
-                    if line.startswith("event: "):
-                        name = line[7:]
-                    elif line.startswith("data: "):
-                        events.append((name, json.loads(line[6:])))
+                for event in sse_events(r.iter_lines()):
+                    events.append(event)
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()

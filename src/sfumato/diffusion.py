@@ -57,6 +57,13 @@ def snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     return clipped / snr.clamp(min=1e-8)
 
 
+def posterior_sample(latents, idx, g: torch.Generator, scaling: float) -> torch.Tensor:
+    """A draw from the cached VAE posteriors (mean, std) of pairs idx, scaled for the UNet."""
+    mean, std = latents
+    idx = torch.as_tensor(idx)
+    return (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g)) * scaling
+
+
 class LatentBatches:
     """Draws training batches (noisy latents, timesteps, text states, targets) from the caches."""
 
@@ -78,9 +85,7 @@ class LatentBatches:
 
     def draw(self, idx: np.ndarray, g: torch.Generator, device, t: torch.Tensor | None = None, dropout=None):
         n = len(idx)
-        idx = torch.as_tensor(idx)
-        z = (self.mean[idx].float() + self.std[idx].float() * torch.randn(self.mean[idx].shape, generator=g))
-        z = z * self.scaling
+        z = posterior_sample((self.mean, self.std), idx, g, self.scaling)
         noise = torch.randn(z.shape, generator=g)
         if t is None:
             t = self.timesteps(n, g)
@@ -190,4 +195,4 @@ def ema_copy(unet, ema):
 
 
 __all__ = ["cache_latents", "cache_text", "LatentBatches", "unet_loss", "unet_stage", "ema_copy", "band_metrics", "predicted_x0",
-           "predicted_eps"]
+           "predicted_eps", "posterior_sample"]

@@ -91,13 +91,12 @@ class ConsistencyLoss:
     """One distillation batch: the loss of the student against the target net on the teacher's step."""
 
     def __init__(self, teacher, target, lcm, latents, text, scaling: float, cfg: DistillCfg, ema):
-        from .diffusion import predicted_eps, predicted_x0
+        from .diffusion import posterior_sample, predicted_eps, predicted_x0
 
         self.teacher, self.target, self.lcm, self.cfg, self.ema = teacher, target, lcm, cfg, ema
-        self.mean, self.std = latents
+        self.latents, self.scaling = latents, scaling
         self.states, self.rows, self.empty = text
-        self.scaling = scaling
-        self.x0, self.eps = predicted_x0, predicted_eps
+        self.x0, self.eps, self.sample = predicted_x0, predicted_eps, posterior_sample
         self.kind = lcm.config.prediction_type
         self.alphas = lcm.alphas_cumprod.float()
         k = lcm.config.num_train_timesteps // cfg.solver_steps
@@ -113,15 +112,13 @@ class ConsistencyLoss:
 
     def __call__(self, model, idx: np.ndarray, g: torch.Generator):
         cfg, n = self.cfg, len(idx)
-        idx = torch.as_tensor(idx)
-        z = (self.mean[idx].float() + self.std[idx].float() * torch.randn(self.mean[idx].shape, generator=g))
-        z = z * self.scaling
-        ctx = self.states[self.rows[idx]].float()
+        z = self.sample(self.latents, idx, g, self.scaling)
+        ctx = self.states[self.rows[torch.as_tensor(idx)]].float()
         t = self.ts[torch.randint(len(self.ts), (n,), generator=g)]
         t_prev = (t - self.k).clamp(min=0)
         noise = torch.randn(z.shape, generator=g)
         a = self._a(t)
-        x_t = a.sqrt() * z + (1 - a).sqrt() * noise
+        x_t = self.lcm.add_noise(z, noise, t)
         guidance = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(n, generator=g)
         w_emb = guidance_embedding(guidance, cfg.cond_dim)
         w = (guidance - 1).view(-1, 1, 1, 1)

@@ -2,13 +2,17 @@
 
     python benchmarks/bench_generate.py [--model DIR] [--n 20] [--fast DIR]
 
-Each side runs with its own defaults (sfumato: pipe.generate(GenerationSettings(prompt, seed=i)), i.e. 20 DPM++ 2M steps
-at CFG 4; diffusers: StableDiffusionPipeline.from_pretrained(model)(prompt), i.e. the folder's own
-scheduler, 50 steps at guidance 7.5), at the model's native size, after one warm-up call each.
-Each side runs in its own child process so that its peak RSS (resource.getrusage) is its own.
-With --fast (a `sfumato distill` folder of the same model), sfumato also runs that folder with its
-own defaults (LCM, few steps), and the ratio is taken against diffusers on the teacher; each sfumato
-side also reports images/s when 16 images are drawn in one batch.
+Sides, all on the same folder at its native size, after one warm-up call each:
+  default    sfumato with the folder's own defaults (a model carrying a distilled UNet: LCM, few steps)
+             and its ONNX export where it has one (`sfumato export`);
+  torch      the same settings with PyTorch modules only (what the export buys);
+  full       sfumato's full sampler on the folder's own UNet (DPM++ 2M, 20 steps, CFG), PyTorch
+             (only for a folder that carries a distilled UNet: otherwise it is `default`);
+  diffusers  StableDiffusionPipeline.from_pretrained(model)(prompt): the folder's own scheduler,
+             50 steps at guidance 7.5 (diffusers loads unet/, never a carried unet_lcm/).
+Each side runs in its own child process so that its peak RSS (resource.getrusage) is its own; sfumato
+sides also report images/s when 16 images are drawn in one batch. With --fast (a separate `sfumato
+distill --out` folder of the same model) that folder runs too, with its own defaults.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def _peak_rss_mib() -> float:
 
 
 def _worker(kind: str, model: str, n: int, prompt: str) -> dict:
+    """kind: default, torch, full (sfumato) or diffusers."""
     import inspect
     import warnings
 
@@ -48,20 +53,23 @@ def _worker(kind: str, model: str, n: int, prompt: str) -> dict:
 
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()
-    if kind == "sfumato":
+    if kind != "diffusers":
         import sfumato
+        from sfumato.config import DEFAULT_SCHEDULER
 
-        pipe = sfumato.load(model)
+        pipe = sfumato.load(model, onnx=False if kind != "default" else None)
         device, size = pipe.device, pipe.native
-        base = pipe.settings(prompt)  # the folder's own defaults
+        ask = {"scheduler": pipe.full_defaults.get("scheduler", DEFAULT_SCHEDULER)} if kind == "full" else {}
+        base = pipe.settings(prompt, **ask)  # the folder's own defaults
         steps, cfg, sampler = base.steps, base.guidance, base.scheduler
+        sampler += " (ONNX)" if pipe.graphs else ""
 
         def one(i: int):
-            return pipe.generate(pipe.settings(prompt, seed=i))[0]
+            return pipe.generate(pipe.settings(prompt, seed=i, **ask))[0]
 
         def batch16() -> float:
             t = time.perf_counter()
-            pipe.generate(pipe.settings(prompt, seed=0), n=16)
+            pipe.generate(pipe.settings(prompt, seed=0, **ask), n=16)
             return 16 / (time.perf_counter() - t)
     else:
         import diffusers
@@ -116,7 +124,7 @@ def main() -> None:
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--fast", type=Path, default=None, help="a distilled folder of the same model, run with its defaults")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
-    ap.add_argument("--worker", choices=("sfumato", "diffusers"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("default", "torch", "full", "diffusers"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.n < 1:
         ap.error("--n must be at least 1")
@@ -133,21 +141,24 @@ def main() -> None:
     if not args.model.is_dir():
         ap.error(f"--model {args.model} is not a folder")
 
-    res = {k: _run_child(k, args) for k in ("sfumato", "diffusers")}
+    sides = ["default", "torch"]
+    if (args.model / "unet_lcm").is_dir():
+        sides.append("full")
+    res = {k: _run_child(k, args) for k in (*sides, "diffusers")}
     if args.fast:
-        res["sfumato-fast"] = {**_run_child("sfumato", args, args.fast), "kind": "fast"}
+        res["fast"] = {**_run_child("default", args, args.fast), "kind": "fast"}
     if args.json:
         print(json.dumps(res, indent=1))
         return
-    s, d = res["sfumato"], res["diffusers"]
+    s, d = res["default"], res["diffusers"]
     print(f"model {args.model}  ({s['size'][0]}x{s['size'][1]} px, {s['device']}, "
           f"{s['torch_threads']} torch threads, n={args.n} after 1 warm-up)")
-    print(f"{'':10} {'sampler':>22} {'steps':>5} {'CFG':>4} {'s/image':>9} {'s/step':>8} {'load s':>7} "
+    print(f"{'':10} {'sampler':>29} {'steps':>5} {'CFG':>4} {'s/image':>9} {'s/step':>8} {'load s':>7} "
           f"{'peak RSS MiB':>13} {'img/s @16':>9}" + (" peak GPU MiB" if s["peak_gpu_mib"] else ""))
     for r in res.values():
         gpu = f" {r['peak_gpu_mib']:12.0f}" if r["peak_gpu_mib"] else ""
         b16 = f"{r['images_per_s_batch16']:9.1f}" if r["images_per_s_batch16"] else f"{'-':>9}"
-        print(f"{r['kind']:10} {r['sampler']:>22} {r['steps']:5d} {r['guidance']:4g} {r['s_per_image']:9.4f} "
+        print(f"{r['kind']:10} {r['sampler']:>29} {r['steps']:5d} {r['guidance']:4g} {r['s_per_image']:9.4f} "
               f"{r['s_per_image'] / r['steps']:8.4f} {r['load_s']:7.2f} {r['peak_rss_mib']:13.1f} {b16}{gpu}")
     for r in res.values():
         if r is not d:

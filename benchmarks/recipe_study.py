@@ -40,6 +40,10 @@ ARMS: dict[str, list[str]] = {
     # the levers that helped, together
     "combined": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
                  "unet.text_time_embedding=True"],
+    # combined, with attention (self and cross) also at the 16x16 level, where objects are placed;
+    # grown from a UNet without it by unet.init (the new layers start as identities)
+    "attn16": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
+               "unet.text_time_embedding=True", "unet.attention_levels=(True,True,True)"],
 }
 
 

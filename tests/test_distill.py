@@ -152,3 +152,109 @@ def test_lcm_is_refused_for_a_model_that_is_not_distilled(teacher):
     pipe = sfumato.load(teacher)
     with pytest.raises(UsageError, match="distilled few-step models only"):
         pipe.generate(pipe.settings("a red circle", scheduler="LCM"))
+
+
+@pytest.fixture(scope="module")
+def carrying(teacher, tmp_path_factory):
+    """A copy of the teacher that carries its distilled UNet (`distill --attach`)."""
+    import shutil
+
+    model = tmp_path_factory.mktemp("attach") / "model"
+    shutil.copytree(teacher, model)
+    distill(model, None, DistillCfg(**QUICK), attach=True, progress=False)
+    return model
+
+
+def test_attach_writes_the_fast_unet_into_the_model(carrying, teacher):
+    from sfumato.pipeline import FAST_UNET
+
+    card = json.loads((carrying / "sfumato.json").read_text())
+    assert (carrying / FAST_UNET / "diffusion_pytorch_model.safetensors").is_file()
+    assert card["generation"] == {"scheduler": "LCM", "steps": FAST_STEPS, "guidance": 4.0}
+    assert card["full_generation"]["scheduler"] != "LCM" and card["distilled"]["unet"] == FAST_UNET
+    assert sorted(p.name for p in carrying.iterdir() if p.name.endswith(".partial")) == []
+    # the model's own UNet is untouched
+    assert (carrying / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (teacher / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_a_carrying_model_samples_few_steps_by_default_and_keeps_its_samplers(carrying, teacher):
+    import numpy as np
+
+    import sfumato
+
+    pipe = sfumato.load(carrying)
+    s = pipe.settings("a red circle", seed=2)
+    assert (s.scheduler, s.steps, pipe.distilled) == ("LCM", FAST_STEPS, False)
+    fast_img = pipe.generate(s)[0]
+    assert "Sampler: LCM" in fast_img.info["parameters"]
+    # another sampler takes the model's full defaults and its own UNet: the teacher's very image
+    full = pipe.settings("a red circle", seed=2, scheduler="DPM++ 2M")
+    assert (full.steps, full.guidance) != (FAST_STEPS, None) and full.steps == 20
+    ref_pipe = sfumato.load(teacher)
+    ref = ref_pipe.generate(ref_pipe.settings("a red circle", seed=2, scheduler="DPM++ 2M"))[0]
+    assert np.array_equal(np.asarray(pipe.generate(full)[0]), np.asarray(ref))
+    # and the few-step path is the distilled UNet's, not the teacher's
+    assert not np.array_equal(np.asarray(fast_img), np.asarray(ref))
+
+
+def test_a_carrying_model_still_loads_in_plain_diffusers(carrying):
+    from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from sfumato.pipeline import FAST_UNET
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd = StableDiffusionPipeline.from_pretrained(carrying, safety_checker=None)
+        assert sd.unet.config.time_cond_proj_dim is None  # the full model
+        fast = UNet2DConditionModel.from_pretrained(carrying, subfolder=FAST_UNET)
+        lcm = StableDiffusionPipeline.from_pretrained(
+            carrying, unet=fast, safety_checker=None,
+            scheduler=LCMScheduler.from_pretrained(carrying, subfolder="scheduler", timestep_spacing="trailing"))
+    lcm.set_progress_bar_config(disable=True)
+    img = lcm("a red circle", num_inference_steps=4, guidance_scale=4.0, output_type="np",
+              generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 32, 32, 3) and img.std() > 0
+
+
+def test_attach_refusals(carrying, teacher, tmp_path, capsys):
+    assert main(["distill", str(carrying), "--attach", "--pairs", "24"]) != 0
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["distill", str(teacher), "--attach", "--out", str(tmp_path / "x")]) != 0
+    assert "either --out" in capsys.readouterr().err
+    assert main(["distill", str(teacher)]) != 0
+    assert "either --out" in capsys.readouterr().err
+
+
+def test_a_carried_unet_that_does_not_fit_is_refused(carrying, teacher, tmp_path):
+    import shutil
+
+    import sfumato
+    from sfumato.pipeline import FAST_UNET
+
+    model = tmp_path / "model"
+    shutil.copytree(carrying, model)
+    shutil.rmtree(model / FAST_UNET)
+    shutil.copytree(teacher / "unet", model / FAST_UNET)  # undistilled: no guidance input
+    with pytest.raises(UsageError, match="must hold a distilled UNet"):
+        sfumato.load(model)
+
+
+def test_a_carried_unet_of_an_older_teacher_is_called_stale(carrying, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import sfumato
+
+    model = tmp_path / "model"
+    shutil.copytree(carrying, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sfumato.load(model)  # distilled from this very unet/: nothing to say
+    path = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(str(path))
+    weights["conv_out.bias"] += 0.1  # the teacher was trained on afterwards
+    save_file(weights, str(path))
+    with pytest.warns(UserWarning, match="distilled from another unet/.*--attach --overwrite"):
+        sfumato.load(model)

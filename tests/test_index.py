@@ -95,6 +95,20 @@ def test_ivfpq_recall_with_sensible_params():
 
 
 @pytest.mark.parametrize("kind", ["exact", "flat", "hnsw", "ivfpq"])
+def test_search_vectors_are_the_hits_stored_vectors(kind):
+    x = clustered_unit(600, 16)
+    idx = ExactIndex(16) if kind == "exact" else FaissIndex(kind, 16, {"nlist": 8} if kind == "ivfpq" else None)
+    idx.add(np.arange(600) * 2 + 5, x)
+    s, i = idx.search(x[:5], 7)
+    s2, i2, v = idx.search_vectors(x[:5], 7)
+    assert (i2 == i).all() and np.allclose(s2, s, atol=1e-5) and v.shape == (5, 7, 16)
+    cos = (unit(v.reshape(-1, 16)) * x[(i.ravel() - 5) // 2]).sum(1)
+    assert cos.min() > (0.9 if kind == "ivfpq" else 0.99999)  # ivfpq's are decoded from its codes
+    _, ids, vecs = idx.search_vectors(x[:1], 700)  # a short index: -1 ids, zero vectors
+    assert (ids[0, 600:] == -1).all() and not vecs[ids == -1].any()
+
+
+@pytest.mark.parametrize("kind", ["exact", "flat", "hnsw", "ivfpq"])
 def test_remove_save_load(kind, tmp_path):
     x = clustered_unit(600, 16)
     idx = ExactIndex(16) if kind == "exact" else FaissIndex(kind, 16, {"nlist": 8} if kind == "ivfpq" else None)

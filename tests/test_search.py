@@ -15,7 +15,7 @@ from sfumato.embedding import Embedder
 from sfumato.index import open_index
 from sfumato.errors import UsageError
 from sfumato.search import (COMPOSITE_DEFAULT, TEMPLATES, Query, classify, compose, fill_template, image_query,
-                            image_text_query, label_embeddings)
+                            image_text_query, label_embeddings, near_duplicates)
 from searchkit import make_images, make_tiny_model
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -249,6 +249,15 @@ def test_composite_query(kit, ix, capsys):
     assert main(["search", str(ix), "--image", str(img), "--text", "blue", "--alpha", "0", "-k", "1",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["path"] == str(img.resolve())  # alpha 0: the image itself
+
+
+def test_near_duplicates_grouped_as_clip_retrieval_groups_them():
+    """Linked by cosine similarity above 0.94, transitively; the best-ranked of each group stays."""
+    t = np.deg2rad([0, 19, 38, 90, 90.5])  # 0~19 (0.946) and 19~38, though 0 and 38 (0.79) are not: one group
+    v = np.stack([np.cos(t), np.sin(t)], 1) * [[1], [2], [1], [3], [1]]  # lengths do not matter
+    assert near_duplicates(v) == [1, 2, 4]
+    assert near_duplicates(v, threshold=0.99) == [4]
+    assert near_duplicates(np.zeros((0, 2))) == []
 
 
 @pytest.mark.parametrize("fields, cli, api", [

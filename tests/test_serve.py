@@ -529,7 +529,7 @@ def test_serve_help_lists_options():
     from sfumato.cli import app
 
     out = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
-    for flag in ("--host", "--port", "--model", "--index", "--api-key", "127.0.0.1", "7860"):
+    for flag in ("--host", "--port", "--model", "--index", "--api-key", "--cors", "127.0.0.1", "7860"):
         assert flag in out
 
 

@@ -12,6 +12,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -386,6 +387,40 @@ def test_webuiapi_img2img_defaults_with_a_mask_pass(client, kit):
     assert b64_image(r.json()["images"][0]).size == (32, 32)
 
 
+def test_webuiapi_client_unchanged(live, kit):
+    """webuiapi, the Python client of AUTOMATIC1111's API, unchanged against a live server."""
+    need("webuiapi", importlib.util.find_spec("webuiapi") is not None, "pip install webuiapi")
+    import webuiapi
+
+    url, _ = live
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=int(url.rsplit(":", 1)[1]))  # asks for /scripts at once
+    assert api.get_scripts() == {"txt2img": [], "img2img": []} and not api.has_controlnet
+    out = api.txt2img(prompt="a red circle", width=64, height=64, steps=2, seed=1)
+    assert isinstance(out.image, Image.Image) and out.image.size == (64, 64) and len(out.images) == 1
+    assert out.info["seed"] == 1 and out.info["all_seeds"] == [1] and out.info["sampler_name"] == "Euler a"
+    assert out.parameters["prompt"] == "a red circle" and "Seed: 1" in out.image.info["parameters"]
+    again = api.txt2img(prompt="a red circle", width=64, height=64, steps=2, seed=1)
+    assert again.image.tobytes() == out.image.tobytes()
+    edited = api.img2img(images=[out.image], prompt="a blue circle", width=64, height=64, steps=2, seed=2)
+    assert edited.image.size == (64, 64) and edited.info["denoising_strength"] == 0.75
+    assert edited.image.tobytes() != out.image.tobytes()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    masked = api.img2img(images=[out.image], mask_image=mask, prompt="a blue square", width=64, height=64, steps=2)
+    assert masked.image.size == (64, 64) and "Inpaint area: Only masked" in masked.info["infotexts"][0]
+    read = api.png_info(out.image)  # webuiapi re-encodes the image with its text chunks
+    assert read.info == out.image.info["parameters"] and read.parameters["Seed"] == "1"
+    title = api.get_sd_models()[0]["title"]
+    assert api.util_get_model_names() == [title] and api.util_get_current_model() == title
+    api.util_set_model(title)
+    assert "Euler a" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
+    api.util_wait_for_ready(check_interval=0.1)  # reads /progress: nothing running
+    # its defaults (512x512, 20 steps) are over the per-step cost cap of a 32-px model: refused at once
+    with pytest.raises(RuntimeError) as e:
+        api.txt2img(prompt="a red circle")
+    assert e.value.args[0] == 422 and "over the limit per step" in e.value.args[1]
+
+
 def test_client_that_hangs_up_has_its_job_cancelled(live):
     url, app = live
     server = app.state.server
@@ -419,7 +454,7 @@ def test_indices_list(client):
 
 def test_knn_service_text_image_embedding(client, kit):
     r = client.post("/knn-service", json={"text": "a red circle", "modality": "image", "num_images": 3,
-                                          "indice_name": "shapes", "deduplicate": True, "use_safety_model": True,
+                                          "indice_name": "shapes", "deduplicate": False, "use_safety_model": True,
                                           "use_violence_detector": True, "aesthetic_score": "", "aesthetic_weight": ""})
     hits = r.json()
     assert r.status_code == 200 and len(hits) == 3
@@ -445,9 +480,104 @@ def test_knn_service_rejects(client, body, code, needle):
 
 
 def test_metadata(client):
+    """clip-retrieval's shape, a plain list of {id, metadata}: its web page merges each metadata (caption, image)
+    into the hit of that id (`(await getMetadata(ids)).map(({ id, metadata }) => ...)`)."""
     out = client.post("/metadata", json={"ids": [0, 3, 999], "indice_name": "shapes"}).json()
-    assert [m["id"] for m in out["metadata"]] == [0, 3]
-    assert isinstance(out["metadata"][0]["metadata"]["caption"], str)
+    assert isinstance(out, list) and [m["id"] for m in out] == [0, 3] and set(out[0]) == {"id", "metadata"}
+    meta = out[1]["metadata"]
+    assert isinstance(meta["caption"], str) and b64_image(meta["image"]).size == (32, 32)
+    assert client.post("/metadata", json={"ids": [], "indice_name": "shapes"}).json() == []
+
+
+def test_knn_service_result_ids_beyond_num_images(client):
+    """Its web page asks for 40 images and 3,000 result ids, then the rest's metadata as the user scrolls."""
+    hits = client.post("/knn-service", content=json.dumps({"text": "a red circle", "modality": "image", "num_images": 2,
+                                                          "num_result_ids": 3000, "indice_name": "shapes"})).json()
+    assert len(hits) == 8 and all(set(h) == {"id", "similarity", "caption", "image"} for h in hits[:2])
+    assert all(set(h) == {"id", "similarity"} for h in hits[2:])
+    r = client.post("/knn-service", json={"text": "x", "num_images": 2, "num_result_ids": 3001})
+    assert r.status_code == 422 and "num_result_ids must be between 1 and 3000" in detail(r)
+
+
+def test_knn_service_deduplicate(kit, tmp_path):
+    """Two files of one picture (same pixels, other bytes): deduplicate keeps the better-ranked, as
+    clip-retrieval's back end does; without it both come back."""
+    from fastapi.testclient import TestClient
+
+    from sfumato.index import open_index
+    from sfumato.server import create_app
+    from sfumato.server.models import IndexHandle, Models
+
+    index = tmp_path / "dup"
+    shutil.copytree(kit["index"], index)
+    m = kit["models"]
+    models = Models(pipe=m.pipe, embedder=m.embedder, indexes={"dup": IndexHandle("dup", index, open_index(index))})
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("Comment", "a copy")
+    buf = io.BytesIO()
+    Image.open(sorted(kit["images"].glob("*.png"))[0]).save(buf, format="PNG", pnginfo=meta)
+    with TestClient(create_app(lambda: models)) as c:
+        wait_ready(c)
+        r = c.post("/v1/index/dup/add", json={"images": [{"image": base64.b64encode(buf.getvalue()).decode()}]})
+        assert r.json()["added"] == 1, r.json()
+        body = {"image": sample_b64(kit, 0), "num_images": 9, "indice_name": "dup"}
+        both = c.post("/knn-service", json={**body, "deduplicate": False}).json()
+        assert {h["id"] for h in both[:2]} == {0, 8} and both[1]["similarity"] > 0.999
+        one = c.post("/knn-service", json={**body, "deduplicate": True}).json()
+        assert one[0]["id"] == both[0]["id"] and both[1]["id"] not in [h["id"] for h in one]
+        assert c.post("/knn-service", json=body).json() == both  # the back end's default: false
+
+
+def test_cors_opens_the_clip_retrieval_endpoints_to_named_origins(kit):
+    """clip-retrieval's web page served elsewhere queries the back end from its own origin: --cors lets
+    that origin (and only it, only there) through the origin check, with CORS headers the browser reads."""
+    front, evil = "https://front.example", "https://evil.example"
+    search = {"text": "a red circle", "num_images": 1, "indice_name": "shapes"}
+
+    def preflight(c, path, origin, method="POST"):
+        return c.options(path, headers={"Origin": origin, "Access-Control-Request-Method": method,
+                                        "Access-Control-Request-Headers": "content-type"})
+
+    with make_client(kit, cors=[front], api_key="k") as c:
+        key = {"Authorization": "Bearer k"}
+        c.headers.update(key)
+        wait_ready(c)
+        del c.headers["Authorization"]
+        for path, method in (("/knn-service", "POST"), ("/metadata", "POST"), ("/indices-list", "GET")):
+            r = preflight(c, path, front, method)  # no key: a browser sends none in a preflight
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == front, (path, r.text)
+            assert method in r.headers["access-control-allow-methods"]
+        r = c.post("/knn-service", json=search, headers={"Origin": front, **key})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == front
+        r = c.get("/indices-list", headers={"Origin": front, **key})
+        assert r.json() == ["shapes"] and r.headers["access-control-allow-origin"] == front
+        r = c.post("/knn-service", json=search, headers={"Origin": front})  # a refusal the page can read
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == front
+        assert "access-control-allow-origin" not in preflight(c, "/knn-service", evil).headers
+        r = c.post("/knn-service", json=search, headers={"Origin": evil, **key})
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+        # the other endpoints stay closed to that origin too
+        assert "access-control-allow-origin" not in preflight(c, "/sdapi/v1/txt2img", front).headers
+        assert c.post("/sdapi/v1/interrupt", headers={"Origin": front, **key}).status_code == 403
+    with make_client(kit, cors=["*"]) as c:
+        wait_ready(c)
+        assert preflight(c, "/knn-service", evil).headers["access-control-allow-origin"] == "*"
+        r = c.post("/knn-service", json=search, headers={"Origin": evil})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    with make_client(kit) as c:  # the default: no CORS, foreign POSTs refused
+        wait_ready(c)
+        r = preflight(c, "/knn-service", front)
+        assert not any(h.startswith("access-control-") for h in r.headers)
+        assert c.post("/knn-service", json=search, headers={"Origin": front}).status_code == 403
+
+
+@pytest.mark.parametrize("origin", ["https://front.example/", "https://front.example/app", "front.example",
+                                    "null", "https://Front.example"])
+def test_cors_origin_must_be_one_a_browser_sends(origin, capsys):
+    from sfumato.cli import main
+
+    assert main(["serve", "--cors", origin]) == 2
+    assert "--cors" in capsys.readouterr().err
 
 
 def clip_client_module() -> types.ModuleType:
@@ -472,11 +602,15 @@ def clip_client_module() -> types.ModuleType:
 
 
 def test_clip_retrieval_client_unchanged(live, kit):
-    """Its defaults: no Content-Type, aesthetic_score 9 and weight 0.5, safety and violence filters on."""
+    """Its defaults: no Content-Type, aesthetic_score 9 and weight 0.5, safety and violence filters on,
+    deduplicate on (the tiny random CLIP finds most of the 8 images near-duplicates)."""
     url, _ = live
-    client = clip_client_module().ClipClient(url=url + "/knn-service", indice_name="shapes", num_images=3)
+    module = clip_client_module()
+    client = module.ClipClient(url=url + "/knn-service", indice_name="shapes", num_images=3)
+    every = module.ClipClient(url=url + "/knn-service", indice_name="shapes", num_images=3, deduplicate=False)
+    assert len(every.query(text="a red circle")) == 3
     by_text = client.query(text="a red circle")
-    assert isinstance(by_text, list) and len(by_text) == 3, by_text
+    assert isinstance(by_text, list) and 1 <= len(by_text) < 3, by_text
     assert {"id", "similarity", "caption", "image"} <= set(by_text[0])
     assert b64_image(by_text[0]["image"]).size == (32, 32)
     picture = sorted(kit["images"].glob("*.png"))[4]
@@ -497,6 +631,6 @@ def test_knn_service_reads_any_body_as_json(client):
     r = client.post("/knn-service", content=b"{not json", headers={"Content-Type": "text/plain"})
     assert r.status_code == 422 and "JSON" in detail(r)
     r = client.post("/metadata", content=json.dumps({"ids": [1], "indice_name": "shapes"}))
-    assert r.status_code == 200 and r.json()["metadata"][0]["id"] == 1
+    assert r.status_code == 200 and r.json()[0]["id"] == 1
     schema = client.get("/openapi.json").json()["paths"]["/knn-service"]["post"]["requestBody"]
     assert "num_images" in schema["content"]["application/json"]["schema"]["properties"]

@@ -37,7 +37,7 @@ def test_classify_template_with_two_slots_is_422(client, kit):
 
 def test_huge_ids_are_absent_not_500(client):
     r = client.post("/metadata", json={"ids": [2**70, 0], "indice_name": "shapes"})
-    assert r.status_code == 200 and [m["id"] for m in r.json()["metadata"]] == [0]
+    assert r.status_code == 200 and [m["id"] for m in r.json()] == [0]
     assert client.get("/v1/index/shapes/images/9223372036854775808").status_code == 404
 
 
@@ -266,6 +266,23 @@ def test_jobs_within_the_cap_are_accepted(kit):
     models, limits = kit["models"], Limits()
     assert prepare(models, limits, "x", steps=50, n=8).n == 8  # 400 at the tiny model's native 32 px
     assert prepare(models, limits, "x", width=64, height=64, n=2, steps=120).width == 64  # 8 per step, 960
+
+
+def test_hires_fix_is_checked_as_one_job(kit):
+    """Each pass within the cap, the two together over it: refused before anything runs, naming the total."""
+    from sfumato.server import Limits
+
+    with make_client(kit, limits=Limits(max_cost=50)) as c:
+        wait_ready(c)
+        body = {"prompt": "x", "steps": 10, "batch_size": 2, "enable_hr": True, "hr_scale": 2,
+                "hr_upscaler": "Lanczos", "denoising_strength": 1.0}
+        r = c.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 422, r.json()
+        for needle in ("costs 100 native-image steps in all", "first pass 32x32 x 10 steps x 2 image(s) = 20",
+                       "hires pass 64x64 x 10 steps x 2 image(s) = 80", "over the limit of 50 per job"):
+            assert needle in detail(r), detail(r)
+        # the second pass runs steps x denoising_strength, 3 here: 20 + 2 images x 4 x 3 = 44
+        assert c.post("/sdapi/v1/txt2img", json={**body, "denoising_strength": 0.3}).status_code == 200
 
 
 def test_a_cancel_stops_within_one_layer_not_one_step(kit):

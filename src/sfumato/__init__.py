@@ -11,11 +11,11 @@ from .config import GenerationSettings
 from .errors import SfumatoError, UsageError
 
 
-def load(model=None, device=None):
-    """Load a model folder (default: the shipped model) for generation; see sfumato.pipeline."""
+def load(model=None, device=None, onnx=None):
+    """Load a model folder (default: the shipped model) for generation; see sfumato.pipeline.load."""
     from .pipeline import load as _load
 
-    return _load(model, device)
+    return _load(model, device, onnx)
 
 
 __all__ = ["__version__", "GenerationSettings", "SfumatoError", "UsageError", "load"]

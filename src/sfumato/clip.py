@@ -24,7 +24,8 @@ _COLOR = re.compile(r"\b(" + "|".join(COLOR_WORDS) + r")\b")
 _NUMBER = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r")\b")
 _DIGIT = re.compile(r"\bdigit (\d)\b")
 
-EDIT_KINDS = ("swap_colors", "swap_relation", "count", "digit", "color")
+EDIT_KINDS = ("swap_colors", "swap_relation", "count", "digit", "color")  # the default hard negatives
+ALL_EDIT_KINDS = (*EDIT_KINDS, "shape")  # every kind edit_caption knows (clip.negative_kinds)
 _SHAPE = re.compile(r"\b(" + "|".join([*spec.PLURALS.values(), *spec.SHAPES]) + r")\b")
 
 
@@ -79,14 +80,23 @@ def edit_caption(caption: str, kind: str, rng: random.Random) -> str | None:
 
 def hard_negative(caption: str, rng: random.Random) -> str | None:
     """One contradicting edit, preferring the ones bag-of-words models get wrong."""
-    kinds = list(EDIT_KINDS)
+    return next(iter(hard_negatives(caption, rng)), None)
+
+
+def hard_negatives(caption: str, rng: random.Random, n: int = 1, kinds=EDIT_KINDS) -> list[str]:
+    """Up to n distinct contradicting edits of `kinds`, in random order but a plain colour change last
+    (only when fewer than n structural ones apply). n=1 with the default kinds is `hard_negative`."""
+    kinds = list(kinds)
     rng.shuffle(kinds)
     kinds.sort(key=lambda k: k == "color")  # a plain colour change only when nothing structural applies
+    out: list[str] = []
     for kind in kinds:
         edited = edit_caption(caption, kind, rng)
-        if edited and edited != caption:
-            return edited
-    return None
+        if edited and edited != caption and edited not in out:
+            out.append(edited)
+            if len(out) == n:
+                break
+    return out
 
 
 class ClipLoss(torch.nn.Module):
@@ -180,14 +190,15 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, captions:
     return out
 
 
-def hard_negative_accuracy(clip, tokenizer, pixel_values, captions, seed: int = 0) -> dict[str, float]:
+def hard_negative_accuracy(clip, tokenizer, pixel_values, captions, seed: int = 0,
+                           kinds=EDIT_KINDS) -> dict[str, float]:
     """Per edit kind: how often an image scores its true caption above the edited one."""
     from .tokenizer import encode
 
     rng = random.Random(seed)
     img = embed_images(clip, pixel_values)
     out = {}
-    for kind in EDIT_KINDS:
+    for kind in kinds:
         pairs = [(i, e) for i, c in enumerate(captions) if (e := edit_caption(c, kind, rng))]
         if not pairs:
             continue
@@ -199,6 +210,6 @@ def hard_negative_accuracy(clip, tokenizer, pixel_values, captions, seed: int = 
     return out
 
 
-def batch_negatives(captions: list[str], rng: random.Random) -> list[str]:
-    """One hard negative per caption where an edit applies (others contribute none)."""
-    return [e for c in captions if (e := hard_negative(c, rng))]
+def batch_negatives(captions: list[str], rng: random.Random, n: int = 1, kinds=EDIT_KINDS) -> list[str]:
+    """Up to n hard negatives per caption, of `kinds`, where edits apply (others contribute none)."""
+    return [e for c in captions for e in hard_negatives(c, rng, n, kinds)]

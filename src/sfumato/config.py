@@ -48,6 +48,9 @@ class ClipCfg:
     warmup: int = 200
     weight_decay: float = 0.1
     hard_negatives: bool = True  # caption edits (swapped colours / relation, changed count / digit)
+    negatives: int = 1  # hard negatives per caption (distinct edits, where that many apply)
+    # which edits make them (sfumato.clip.ALL_EDIT_KINDS; "shape" changes the last shape word)
+    negative_kinds: tuple[str, ...] = ("swap_colors", "swap_relation", "count", "digit", "color")
 
 
 @dataclass
@@ -255,7 +258,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "clip.embed_dim": (1, 1 << 16), "clip.vision_width": (1, 1 << 16), "clip.vision_layers": (1, 256),
     "clip.patch_size": (1, 4096), "clip.text_width": (1, 1 << 16), "clip.text_layers": (1, 256),
     "clip.heads": (1, 1024), "clip.steps": (1, BIG), "clip.batch_size": (2, 1 << 20), "clip.lr": (1e-12, 10.0),
-    "clip.warmup": (0, BIG), "clip.weight_decay": (0.0, 10.0),
+    "clip.warmup": (0, BIG), "clip.weight_decay": (0.0, 10.0), "clip.negatives": (1, 16),
     "vae.channels": (1, 1 << 16), "vae.latent_channels": (1, 1024), "vae.layers_per_block": (1, 64),
     "vae.norm_groups": (0, 1 << 16), "vae.steps": (1, BIG), "vae.batch_size": (1, 1 << 20),
     "vae.lr": (1e-12, 10.0), "vae.warmup": (0, BIG), "vae.kl_weight": (0.0, 1e6), "vae.l1_weight": (0.0, 1e6),
@@ -280,6 +283,12 @@ def validate(cfg: TrainCfg) -> TrainCfg:
                 continue  # the type was checked when the value was set
             if not (math.isfinite(v) and low <= v <= high):
                 raise UsageError(f"{key} must be between {low:g} and {high:g}, got {value!r}")
+    from .clip import ALL_EDIT_KINDS
+
+    unknown = [k for k in cfg.clip.negative_kinds if k not in ALL_EDIT_KINDS]
+    if unknown or not cfg.clip.negative_kinds:
+        what = f"unknown edit {unknown[0]!r}" if unknown else "empty"
+        raise UsageError(f"clip.negative_kinds: {what} (choose from {', '.join(ALL_EDIT_KINDS)})")
     from .shapesworld.spec import mix_categories
 
     try:

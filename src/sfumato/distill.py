@@ -1,6 +1,7 @@
 """Latent consistency distillation: a model folder into a few-step one (LCMScheduler, 2-8 steps).
 
-    sfumato distill models/mine --out models/mine-fast --steps 2000
+    sfumato distill models/mine --out models/mine-fast --steps 2000   # a few-step folder of its own
+    sfumato distill models/mine --attach                               # or carried in models/mine/unet_lcm
 
 The method is diffusers' LCM distillation example (Luo et al., 2023): the student is the teacher's
 UNet with a guidance-scale embedding (`time_cond_proj_dim`), so one forward pass replaces the
@@ -12,7 +13,9 @@ resume, progress) and the same cached latents and text states as `sfumato train`
 
 The folder it writes is a plain diffusers Stable Diffusion folder with an LCMScheduler; both
 `StableDiffusionPipeline` and `LatentConsistencyModelPipeline` sample it, and sfumato takes its
-default steps and guidance from the folder's sfumato.json.
+default steps and guidance from the folder's sfumato.json. With --attach the distilled UNet goes
+into the model's own folder (unet_lcm/): the model then samples in a few steps by default and
+keeps its full samplers (`--scheduler "DPM++ 2M" --steps 20`), as the shipped default model does.
 """
 
 from __future__ import annotations
@@ -145,9 +148,10 @@ class ConsistencyLoss:
         return loss, {}
 
 
-def distill(model: str | Path, out: str | Path, cfg: DistillCfg, data_source: str = "shapesworld",
-            resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
-    """Distil the model folder `model` into `out`; resumable from `out`.partial/checkpoints."""
+def distill(model: str | Path, out: str | Path | None, cfg: DistillCfg, data_source: str = "shapesworld",
+            resume: bool = False, overwrite: bool = False, progress: bool = True, attach: bool = False) -> Path:
+    """Distil the model folder `model` into `out` (with attach: into `model`/unet_lcm); resumable from
+    `out`.partial/checkpoints."""
     from diffusers.training_utils import EMAModel
 
     from .config import DataCfg
@@ -156,11 +160,13 @@ def distill(model: str | Path, out: str | Path, cfg: DistillCfg, data_source: st
     from .engine import Engine, StageSpec
     from .files import publish_dir
     from .models import quiet_libraries
-    from .pipeline import load
+    from .pipeline import FAST_UNET, load
     from .train import _check_folders, partial_dir
 
     check(cfg)
-    out = Path(out)
+    if attach == (out is not None):
+        raise UsageError("give either --out FOLDER (a few-step model of its own) or --attach (into the model)")
+    out = Path(model) / FAST_UNET if attach else Path(out)
     work = partial_dir(out)
     _check_folders(out, work, resume, overwrite)
     quiet_libraries()
@@ -193,34 +199,69 @@ def distill(model: str | Path, out: str | Path, cfg: DistillCfg, data_source: st
     metrics = engine.run(StageSpec("distill", student.train(), loss_fn, cfg.steps, cfg.lr, cfg.warmup,
                                    cfg.batch_size, ema=ema))
     seconds = time.time() - t0
-    _write_folder(pipe, ema, student, lcm, work, cfg, metrics, seconds, Path(model))
-    publish_dir(work, out)
+    final = copy.deepcopy(student)
+    ema.copy_to(final.parameters())  # the target net's weights
+    record = {"teacher_hash": pipe.hash, "config": asdict(cfg), "seconds": round(seconds, 1),
+              "loss": metrics.get("loss")}
+    if attach:
+        _attach(final, work, out, Path(model), cfg, record)
+    else:
+        _write_folder(final, lcm, work, cfg, record, Path(model))
+        publish_dir(work, out)
     return out
 
 
-def _write_folder(pipe, ema, student, lcm, work: Path, cfg: DistillCfg, metrics: dict, seconds: float,
-                  teacher_folder: Path) -> None:
-    """The teacher's folder with the distilled UNet (the target net's weights) and an LCMScheduler."""
+def _card(teacher_folder: Path) -> dict:
+    path = teacher_folder / "sfumato.json"
+    return json.loads(path.read_text()) if path.is_file() else {"format": "sfumato-model/1"}
+
+
+def _fast_generation(cfg: DistillCfg) -> dict:
     from .config import GenerationSettings
+
+    guidance = min(max(GenerationSettings.guidance, cfg.guidance_min), cfg.guidance_max)  # the teacher's default
+    return {"scheduler": "LCM", "steps": FAST_STEPS, "guidance": guidance}
+
+
+def _attach(final, work: Path, out: Path, model: Path, cfg: DistillCfg, record: dict) -> None:
+    """The distilled UNet into model/unet_lcm, and the card's defaults to few-step sampling (the
+    defaults it had before kept as "full_generation", for the other samplers)."""
+    from .config import GenerationSettings
+    from .files import atomic_write_text, publish_dir
+    from .train import versions
+
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    final.eval().save_pretrained(work / "unet")
+    card = _card(model)
+    full = card.get("full_generation") or card.get("generation") or {}
+    if full.get("scheduler") == "LCM" or not full:
+        full = {"scheduler": GenerationSettings.scheduler, "steps": GenerationSettings.steps,
+                "guidance": GenerationSettings.guidance}
+    card["full_generation"] = full
+    card["generation"] = _fast_generation(cfg)
+    card["distilled"] = {**record, "unet": out.name, "versions": versions()}
+    publish_dir(work / "unet", out)
+    shutil.rmtree(work, ignore_errors=True)
+    atomic_write_text(model / "sfumato.json", json.dumps(card, indent=1, default=str))
+
+
+def _write_folder(final, lcm, work: Path, cfg: DistillCfg, record: dict, teacher_folder: Path) -> None:
+    """The teacher's folder with the distilled UNet and an LCMScheduler."""
     from .train import versions
 
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     for part in ("tokenizer", "text_encoder", "vae", "clip"):
         if (teacher_folder / part).is_dir():
             shutil.copytree(teacher_folder / part, work / part, dirs_exist_ok=True)
-    final = copy.deepcopy(student)
-    ema.copy_to(final.parameters())
     final.eval().save_pretrained(work / "unet")
     lcm.save_pretrained(work / "scheduler")
     index = json.loads((teacher_folder / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", "LCMScheduler"]
     (work / "model_index.json").write_text(json.dumps(index, indent=1))
-    card_path = teacher_folder / "sfumato.json"
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {"format": "sfumato-model/1"}
-    guidance = min(max(GenerationSettings.guidance, cfg.guidance_min), cfg.guidance_max)  # the teacher's default
-    card["generation"] = {"scheduler": "LCM", "steps": FAST_STEPS, "guidance": guidance}
-    card["distilled"] = {"teacher": str(teacher_folder), "teacher_hash": pipe.hash, "config": asdict(cfg),
-                         "seconds": round(seconds, 1), "loss": metrics.get("loss"), "versions": versions()}
+    card = _card(teacher_folder)
+    card.pop("full_generation", None)
+    card["generation"] = _fast_generation(cfg)
+    card["distilled"] = {"teacher": str(teacher_folder), **record, "versions": versions()}
     (work / "sfumato.json").write_text(json.dumps(card, indent=1, default=str))
 
 

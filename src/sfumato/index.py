@@ -72,6 +72,7 @@ class VectorIndex(Protocol):
     def add(self, ids: np.ndarray, vecs: np.ndarray) -> None: ...
     def remove(self, ids: np.ndarray) -> int: ...
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def search_vectors(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
     def ids(self) -> np.ndarray: ...
     def to_bytes(self) -> bytes: ...
     def save(self, path: str | os.PathLike) -> None: ...
@@ -103,13 +104,21 @@ class ExactIndex:
 
     def search(self, q, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, D) queries -> (Q, k) scores and ids, best first; -1 ids pad a short index."""
+        top, idx = self._top(q, k)
+        return _pad(top, self._ids[idx], k)
+
+    def search_vectors(self, q, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """search, plus the hits' stored vectors (Q, k, D), zero where the id is -1."""
+        top, idx = self._top(q, k)
+        return (*_pad(top, self._ids[idx], k), _pad_vectors(self._vecs[idx], k))
+
+    def _top(self, q, k: int) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         q = unit(q)
-        n = min(k, len(self))
         scores = torch.from_numpy(q) @ torch.from_numpy(self._vecs).T  # (Q, N)
-        top, idx = torch.topk(scores, n, dim=1)  # (Q, n)
-        return _pad(top.numpy(), self._ids[idx.numpy()].reshape(len(q), n), k)
+        top, idx = torch.topk(scores, min(k, len(self)), dim=1)  # (Q, n)
+        return top.numpy(), idx.numpy()
 
     def ids(self) -> np.ndarray:
         return self._ids.copy()
@@ -218,16 +227,31 @@ class FaissIndex:
         return int((~keep).sum())
 
     def search(self, q, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._search(q, k, vectors=False)
+
+    def search_vectors(self, q, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """search, plus the hits' stored vectors (Q, k, D), zero where the id is -1; ivfpq's are
+        decoded from its codes (faiss' search_and_reconstruct, as clip-retrieval reads them)."""
+        return self._search(q, k, vectors=True)
+
+    def _search(self, q, k: int, vectors: bool) -> tuple:
         q = unit(q)
         n = min(k, len(self))
         if n == 0:
-            return _pad(np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), k)
-        if self.kind == "hnsw":
-            _faiss().downcast_index(self.index.index).hnsw.efSearch = max(int(self.params["ef_search"]), n)
-        elif self.kind == "ivfpq":
-            self.index.nprobe = int(self.params["nprobe"])
-        scores, ids = self.index.search(q, n)
-        return _pad(scores, ids, k)
+            scores, ids = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+            vecs = np.zeros((len(q), 0, self.dim), np.float32)
+        else:
+            if self.kind == "hnsw":
+                _faiss().downcast_index(self.index.index).hnsw.efSearch = max(int(self.params["ef_search"]), n)
+            elif self.kind == "ivfpq":
+                self.index.nprobe = int(self.params["nprobe"])
+            if vectors:
+                scores, ids, vecs = self.index.search_and_reconstruct(q, n)
+                vecs = np.where((ids >= 0)[..., None], vecs, 0)  # faiss fills those of -1 ids with -1
+            else:
+                scores, ids = self.index.search(q, n)
+        scores, ids = _pad(scores, ids, k)
+        return (scores, ids, _pad_vectors(vecs, k)) if vectors else (scores, ids)
 
     def ids(self) -> np.ndarray:
         faiss = _faiss()
@@ -299,6 +323,14 @@ def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     i = np.full((q, k), -1, np.int64)
     s[:, :n], i[:, :n] = scores, ids
     return s, i
+
+
+def _pad_vectors(vecs: np.ndarray, k: int) -> np.ndarray:
+    """(Q, n, D) -> (Q, k, D) float32, zeros after n (beside _pad's -1 ids)."""
+    q, n, d = vecs.shape
+    out = np.zeros((q, k, d), np.float32)
+    out[:, :n] = vecs
+    return out
 
 
 def _faiss():

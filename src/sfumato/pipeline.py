@@ -11,7 +11,9 @@ weights are read from safetensors only.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import inspect
 import json
 import warnings
@@ -35,7 +37,7 @@ from .prompts import encode as encode_prompt_syntax
 from .sampling import decode_latents, denoise, seeded_noise
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
-__all__ = ["DEFAULT_MODEL", "SCHEDULERS", "GenerationSettings", "Pipeline", "load", "make_scheduler",
+__all__ = ["DEFAULT_MODEL", "FAST_UNET", "SCHEDULERS", "GenerationSettings", "Pipeline", "load", "make_scheduler",
            "parse_parameters"]
 
 # AUTOMATIC1111 sampler names -> (diffusers scheduler class, config overrides).
@@ -57,17 +59,31 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 def list_schedulers() -> list[str]:
     return list(SCHEDULERS)
 
+
 DISTILLED_ONLY = ("LCM",)  # samplers that need a UNet with a guidance input
+
+# A model folder may carry a few-step (distilled) UNet beside its own (`sfumato distill MODEL --attach`):
+# the folder then samples in a few LCM steps by default and keeps every other sampler on its unet/.
+# Plain diffusers ignores the extra folder; it loads as UNet2DConditionModel(MODEL, subfolder="unet_lcm").
+FAST_UNET = "unet_lcm"
+
 
 def make_scheduler(name: str, base_config):
     """A fresh scheduler of the named kind on the model's noise schedule (schedulers hold state)."""
-    import diffusers
-
     if name not in SCHEDULERS:
         raise UsageError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+    # Building one computes its 1,000-step schedule in Python (~10 ms, a tenth of a few-step image):
+    # build each kind once and hand out copies.
+    return copy.deepcopy(_scheduler_template(name, json.dumps(dict(base_config), sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=32)
+def _scheduler_template(name: str, config_json: str):
+    import diffusers
+
     cls_name, overrides = SCHEDULERS[name]
     cls = getattr(diffusers, cls_name)
-    cfg = dict(base_config)
+    cfg = json.loads(config_json)
     if cfg.get("rescale_betas_zero_snr"):
         cfg["timestep_spacing"] = "trailing"  # zero terminal SNR needs the last timestep sampled
         if "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
@@ -92,19 +108,19 @@ def zero_snr_betas(config) -> list[float]:
     return betas.tolist()
 
 
-def _folder_defaults(folder: Path | None, distilled: bool) -> dict:
-    """Generation defaults a model folder states in its sfumato.json ("generation": scheduler, steps,
-    guidance); a distilled UNet without a card gets LCM's."""
+def _card_generation(folder: Path | None) -> tuple[dict, dict]:
+    """A model folder's generation defaults from its sfumato.json: "generation" (what it samples with
+    when nothing is asked) and "full_generation" (another sampler asked of a folder with a few-step UNet)."""
     card = folder / "sfumato.json" if folder else None
     saved = {}
     if card is not None and card.is_file():
         try:
-            saved = json.loads(card.read_text()).get("generation", {})
-        except (OSError, json.JSONDecodeError, AttributeError):
+            saved = json.loads(card.read_text())
+        except (OSError, json.JSONDecodeError):
             saved = {}
-    if distilled:
-        saved = {"scheduler": "LCM", "steps": 8, **saved}
-    return {k: saved[k] for k in ("scheduler", "steps", "guidance") if k in saved}
+    keep = ("scheduler", "steps", "guidance")
+    pick = [saved.get(k) if isinstance(saved, dict) else None for k in ("generation", "full_generation")]
+    return tuple({k: d[k] for k in keep if k in d} if isinstance(d, dict) else {} for d in pick)
 
 
 def model_hash(folder: Path) -> str:
@@ -121,7 +137,7 @@ class Pipeline:
     """The components of a model (from a folder by `load`, or in memory) plus generate()."""
 
     def __init__(self, folder: Path | None, tokenizer, text_encoder, vae, unet, scheduler_config, device="cpu",
-                 name: str | None = None):
+                 name: str | None = None, fast_unet=None):
         self.folder, self.tokenizer, self.text_encoder = folder, tokenizer, text_encoder
         self.vae, self.unet, self.scheduler_config, self.device = vae, unet, dict(scheduler_config), device
         default = "sfumato-default" if folder == DEFAULT_MODEL else folder.name if folder else "in-memory"
@@ -130,13 +146,39 @@ class Pipeline:
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.native = unet.config.sample_size * self.factor
         self.multiple = self.factor * 2 ** (len(unet.config.block_out_channels) - 1)
-        self.distilled = unet.config.time_cond_proj_dim is not None
-        self.defaults = _folder_defaults(folder, self.distilled)
+        # The UNet of the few-step LCM sampler (a distilled folder's own, or one carried beside it) and
+        # the UNet of every other sampler (None for a distilled folder: it has no other).
+        guided = unet.config.time_cond_proj_dim is not None
+        self.fast_unet = unet if guided else fast_unet
+        self.full_unet = None if guided else unet
+        self.distilled = self.full_unet is None  # few-step sampling only
+        generation, full = _card_generation(folder)
+        if self.fast_unet is not None:
+            generation = {"scheduler": "LCM", "steps": 8, **generation}
+        self.defaults = generation
+        self.full_defaults = full if self.fast_unet is not None and self.full_unet is not None else generation
+        self.graphs: dict = {}  # ONNX Runtime graphs standing in for the modules (export.graphs_for)
+        self._states: dict = {}  # text states of the last prompts encoded
 
     def settings(self, prompt: str, **given) -> GenerationSettings:
-        """GenerationSettings with this model's own defaults (a distilled folder: LCM, few steps) for
-        every field not given."""
-        return GenerationSettings(prompt, **{**self.defaults, **{k: v for k, v in given.items() if v is not None}})
+        """GenerationSettings with this model's own defaults for every field not given: a few LCM steps
+        where the model has a distilled UNet, unless another sampler is asked for."""
+        given = {k: v for k, v in given.items() if v is not None}
+        few = given.get("scheduler", self.defaults.get("scheduler")) in DISTILLED_ONLY
+        return GenerationSettings(prompt, **{**(self.defaults if few else self.full_defaults), **given})
+
+    def unet_for(self, scheduler: str):
+        """The UNet that samples with this scheduler (checked by `check`)."""
+        return self.fast_unet if scheduler in DISTILLED_ONLY else self.full_unet
+
+    def _runners(self, unet, s: GenerationSettings, capture: bool):
+        """The UNet and VAE decoder to run: their ONNX graphs where the folder has a valid export, at the
+        native size (elsewhere a step is long enough for PyTorch's per-layer cancel checks to matter)
+        and without attention capture (which hooks the PyTorch modules)."""
+        if capture or not self.graphs or (s.width, s.height) != (self.native, self.native):
+            return unet, self.vae
+        name = "unet_lcm" if unet is self.fast_unet else "unet"
+        return self.graphs.get(name, unet), self.graphs.get("vae_decoder", self.vae)
 
     # ---------------------------------------------------------------- prompts
 
@@ -144,7 +186,12 @@ class Pipeline:
         """Text states (B, L, D) of prompts in AUTOMATIC1111's syntax ((word:1.3), [word], BREAK); a prompt
         longer than the context is encoded in chunks (L is a multiple of it). Also notes on the syntax,
         such as a bracket never closed."""
-        return encode_prompt_syntax(self.tokenizer, self.text_encoder, prompts)
+        key = tuple(prompts)
+        if key not in self._states:  # a designer draws one prompt with seed after seed
+            if len(self._states) >= 16:
+                self._states.pop(next(iter(self._states)))
+            self._states[key] = encode_prompt_syntax(self.tokenizer, self.text_encoder, prompts)
+        return self._states[key]
 
     # ---------------------------------------------------------------- generation
 
@@ -163,10 +210,10 @@ class Pipeline:
         if s.strength is not None and not 0 <= s.strength <= 1:
             raise UsageError(f"--strength must be between 0 and 1, got {s.strength}")
         make_scheduler(s.scheduler, self.scheduler_config)  # unknown names fail here
-        if s.scheduler in DISTILLED_ONLY and not self.distilled:
+        if s.scheduler in DISTILLED_ONLY and self.fast_unet is None:
             raise UsageError(f"--scheduler {s.scheduler} samples distilled few-step models only (made by "
                              f"`sfumato distill`); {self.name} is not one")
-        if self.distilled and s.scheduler != "LCM":
+        if self.distilled and s.scheduler not in DISTILLED_ONLY:
             raise UsageError(f"{self.name} is a distilled few-step model: it samples with --scheduler LCM only "
                              f"(got {s.scheduler!r}); use its teacher model for other samplers")
         s.width, s.height = s.width or self.native, s.height or self.native
@@ -220,10 +267,12 @@ class Pipeline:
             batches.append((idx, states[:len(idx)], states[len(idx):]))
             for note in notes:
                 warnings.warn(note, stacklevel=2)
-        shape = (self.unet.config.in_channels, s.height // self.factor, s.width // self.factor)
+        unet = self.unet_for(s.scheduler)
+        runner, decoder = self._runners(unet, s, capture)
+        shape = (unet.config.in_channels, s.height // self.factor, s.width // self.factor)
         noise, gens = seeded_noise(shape, n, s.seed, self.device)
-        doubled = s.guidance != 1.0 and not self.distilled  # the batch holds an unconditional half
-        recording = capture_cross_attention(self.unet, s.height, s.width, cfg=doubled) if capture else nullcontext()
+        doubled = s.guidance != 1.0 and unet.config.time_cond_proj_dim is None  # an unconditional half
+        recording = capture_cross_attention(unet, s.height, s.width, cfg=doubled) if capture else nullcontext()
         with recording as store:
             if init is not None and round(s.steps * s.strength) == 0:
                 pixels = np.repeat(init["pixels"][None], n, axis=0)  # nothing to re-run: the input as it is
@@ -232,9 +281,9 @@ class Pipeline:
                 latents = torch.empty_like(noise)
                 for idx, cond, uncond in batches:
                     sched = make_scheduler(s.scheduler, self.scheduler_config)  # schedulers hold state
-                    latents[idx] = denoise(self.unet, sched, cond, uncond, noise[idx], s.steps, s.guidance, callback,
+                    latents[idx] = denoise(runner, sched, cond, uncond, noise[idx], s.steps, s.guidance, callback,
                                            [gens[i] for i in idx], src["latents"], s.strength or 1.0, src["mask_lat"])
-                pixels = decode_latents(self.vae, latents).numpy()
+                pixels = decode_latents(decoder, latents).numpy()
         if capture and store.calls == 0:
             raise UsageError("explain has nothing to show: at this strength the model never runs (the init image "
                              "comes back unchanged); raise the strength or drop explain")
@@ -273,8 +322,11 @@ class Pipeline:
         return {"latents": z, "pixels": pixels, "mask_px": mask_px, "mask_lat": mask_lat}
 
 
-def load(model: str | Path | None = None, device: str | None = None) -> Pipeline:
-    """Load a diffusers-layout Stable Diffusion folder (default: the shipped model)."""
+def load(model: str | Path | None = None, device: str | None = None, onnx: bool | None = None) -> Pipeline:
+    """Load a diffusers-layout Stable Diffusion folder (default: the shipped model).
+
+    On a CPU the folder's ONNX export (`sfumato export`) runs the UNet and VAE decoder when it matches
+    the weights (onnx=None: if there is one; True: it must be there and valid; False: PyTorch only)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -300,11 +352,44 @@ def load(model: str | Path | None = None, device: str | None = None) -> Pipeline
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw).to(device).eval()
         vae = AutoencoderKL.from_pretrained(folder / "vae", **kw).to(device).eval()
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw).to(device).eval()
+        fast = None
+        if (folder / FAST_UNET).is_dir():
+            fast = UNet2DConditionModel.from_pretrained(folder / FAST_UNET, **kw).to(device).eval()
         sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise SfumatoError(f"cannot load model from {folder}: {str(e).splitlines()[0]}") from None
     sched_cfg = {k: v for k, v in sched_cfg.items() if not k.startswith("_")}
-    return Pipeline(folder, tokenizer, text_encoder, vae, unet, sched_cfg, device)
+    if fast is not None:
+        _check_fast_unet(folder, unet, fast)
+    pipe = Pipeline(folder, tokenizer, text_encoder, vae, unet, sched_cfg, device, fast_unet=fast)
+    if onnx is not False and device == "cpu":
+        from .export import graphs_for
+
+        pipe.graphs = graphs_for(pipe, required=bool(onnx))
+    elif onnx:
+        raise UsageError(f"ONNX graphs run on the CPU only (this pipeline is on {device})")
+    return pipe
+
+
+def _check_fast_unet(folder: Path, unet, fast) -> None:
+    """A carried few-step UNet must be a distilled copy of the folder's own (and is said to be stale
+    once unet/ was trained on after it was distilled)."""
+    same = ("in_channels", "out_channels", "sample_size", "cross_attention_dim", "block_out_channels")
+    if fast.config.time_cond_proj_dim is None or unet.config.time_cond_proj_dim is not None:
+        raise UsageError(f"{folder / FAST_UNET} must hold a distilled UNet (with a guidance input, made by "
+                         f"`sfumato distill --attach`) beside an undistilled unet/")
+    for key in same:
+        if fast.config[key] != unet.config[key]:
+            raise UsageError(f"{folder / FAST_UNET} does not fit {folder / 'unet'}: {key} "
+                             f"{fast.config[key]} against {unet.config[key]}")
+    try:
+        teacher = json.loads((folder / "sfumato.json").read_text())["distilled"]["teacher_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if teacher != model_hash(folder):
+        warnings.warn(f"{folder / FAST_UNET} was distilled from another unet/ than the one there now: few-step "
+                      f"images follow the old one; distil again with `sfumato distill {folder} --attach --overwrite`",
+                      stacklevel=3)
 
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -312,7 +397,9 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 def _check_weights(folder: Path) -> None:
     """Weights are read from safetensors only: unpickling a .bin file can run any code in it."""
-    for part in ("text_encoder", "vae", "unet"):
+    for part in ("text_encoder", "vae", "unet", FAST_UNET):
+        if not (folder / part).is_dir():
+            continue
         files = [f for f in (folder / part).iterdir() if f.is_file()]
         if any(f.name.endswith(".safetensors") for f in files):
             continue

@@ -36,6 +36,8 @@ COMPOSITE_DEFAULT = {"method": "delta", "alpha": 1.0}
 # Bare "{}" and "a {}" first: ShapesWorld captions read "a red circle".
 TEMPLATES = ("{}", "a {}", "an image of a {}", "a picture of a {}", "a drawing of a {}")
 MAX_K = 10_000
+# Cosine similarity above which two hits are near-duplicates: clip-retrieval's (clip_back.py get_non_uniques)
+DUPLICATE_SIMILARITY = 0.94
 
 
 @dataclass
@@ -315,15 +317,34 @@ def read_embedding(path: str | os.PathLike, dim: int | None = None) -> np.ndarra
     return x
 
 
-def search(snapshot: Snapshot, query: np.ndarray, k: int = 10) -> list[Hit]:
-    """The k nearest images to one query vector, best first."""
+def search(snapshot: Snapshot, query: np.ndarray, k: int = 10, deduplicate: bool = False) -> list[Hit]:
+    """The k nearest images to one query vector, best first; with `deduplicate`, near-duplicates of a
+    better hit are left out (see near_duplicates), so fewer may come back."""
     check_k(k)
     if query.shape[-1] != snapshot.dim:
         raise UsageError(f"query of dimension {query.shape[-1]}; the index holds {snapshot.dim}")
-    scores, ids = snapshot.vectors.search(query[None], k)  # the index normalises
+    if deduplicate:
+        scores, ids, vecs = snapshot.vectors.search_vectors(query[None], k)  # the index normalises
+        found = np.flatnonzero(ids[0] >= 0)  # not the -1 padding
+        keep = np.delete(found, near_duplicates(vecs[0, found]))
+        scores, ids = scores[:, keep], ids[:, keep]
+    else:
+        scores, ids = snapshot.vectors.search(query[None], k)
     rows = snapshot.rows(ids[0])
     return [Hit(int(i), rows[int(i)]["path"], rows[int(i)]["caption"], float(s))
             for s, i in zip(scores[0], ids[0]) if int(i) in rows]
+
+
+def near_duplicates(vecs: np.ndarray, threshold: float = DUPLICATE_SIMILARITY) -> list[int]:
+    """Positions in (N, D) vectors, best hit first, that clip-retrieval's `deduplicate` drops: vectors
+    linked by cosine similarity above `threshold`, transitively, form a group whose first member stays."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    x = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    _, group = connected_components(csr_matrix(x @ x.T > threshold), directed=False)  # (N,) group of each
+    first = np.unique(group, return_index=True)[1]
+    return np.setdiff1d(np.arange(len(x)), first).tolist()
 
 
 def check_k(k: int) -> None:

@@ -4,6 +4,7 @@ and returns its held-out metrics."""
 from __future__ import annotations
 
 import random
+import re
 import warnings
 
 import numpy as np
@@ -38,40 +39,50 @@ def run_tokenizer(run) -> dict:
 
 def run_clip(run) -> dict:
     cfg, data, engine = run.cfg, run.data, run.engine
-    c = cfg.clip
     tok = load_tokenizer(run.work / "tokenizer")
     ids, _ = encode(tok, data.captions)
     clip = build_clip(cfg, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id).to(engine.device)
+    metrics = engine.run(clip_stage(cfg, data, tok, ids, clip, engine.device))
+    if engine.is_main:
+        save_clip(clip, tok, cfg.data.res, run.work / "clip")
+        text_encoder_from_clip(clip).save_pretrained(run.work / "text_encoder")
+    return metrics
+
+
+def clip_stage(cfg, data, tok, ids, clip, device) -> StageSpec:
+    """The CLIP stage for Engine.run: batches of cfg.clip.batch_size training pairs (token ids `ids`,
+    one row per caption of `data`), hard negatives per cfg.clip, held-out metrics as eval."""
+    c = cfg.clip
     trainer = ClipTrainer(clip)
     train_idx = data.train_idx
     val = data.val_idx[:EVAL_PAIRS]
 
     def loss_fn(model, g):
         idx = train_idx[torch.randperm(len(train_idx), generator=g)[: c.batch_size].numpy()]
-        x = to_model_range(data.images[idx]).to(engine.device)
+        x = to_model_range(data.images[idx]).to(device)
         neg = None
         if c.hard_negatives:
             rng = random.Random(int(torch.randint(2**31, (1,), generator=g)))
-            negs = batch_negatives([data.captions[i] for i in idx], rng)
-            neg = encode(tok, negs)[0].to(engine.device) if negs else None
-        loss = model(x, ids[idx].to(engine.device), neg)
+            negs = batch_negatives([data.captions[i] for i in idx], rng, c.negatives, c.negative_kinds)
+            neg = encode(tok, negs)[0].to(device) if negs else None
+        loss = model(x, ids[idx].to(device), neg)
         return loss, {"logit_scale": clip.logit_scale.exp().detach()}
 
     def eval_fn(step):
         return clip_metrics(clip, tok, data, val, ids)
 
-    metrics = engine.run(StageSpec("clip", trainer, loss_fn, c.steps, c.lr, c.warmup, c.batch_size,
-                                   weight_decay=c.weight_decay, eval_fn=eval_fn if len(val) else None))
-    if engine.is_main:
-        from transformers import CLIPImageProcessor
+    return StageSpec("clip", trainer, loss_fn, c.steps, c.lr, c.warmup, c.batch_size,
+                     weight_decay=c.weight_decay, eval_fn=eval_fn if len(val) else None)
 
-        clip.save_pretrained(run.work / "clip")
-        tok.save_pretrained(run.work / "clip")
-        res = cfg.data.res
-        CLIPImageProcessor(size={"shortest_edge": res}, crop_size={"height": res, "width": res},
-                           image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(run.work / "clip")
-        text_encoder_from_clip(clip).save_pretrained(run.work / "text_encoder")
-    return metrics
+
+def save_clip(clip, tok, res: int, folder) -> None:
+    """MODEL/clip: the CLIPModel, its tokenizer and the image processor of training (res px, [-1, 1])."""
+    from transformers import CLIPImageProcessor
+
+    clip.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": res}, crop_size={"height": res, "width": res},
+                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
 
 
 def clip_metrics(clip, tok, data, val, ids) -> dict:
@@ -102,15 +113,18 @@ def run_vae(run) -> dict:
     return metrics
 
 
-# Parts a run may add to a saved UNet it starts from: the prompt in the time embedding.
-GROWABLE = ("add_embedding.",)
+# Parts a run may add to a saved UNet it starts from: the prompt in the time embedding, and
+# attention layers at a level that had none (down_blocks.i.attentions / up_blocks.i.attentions).
+GROWABLE = re.compile(r"add_embedding\.|(down|up)_blocks\.\d+\.attentions\.")
 
 
 def load_unet_weights(unet, folder) -> None:
     """Start from the weights of a saved UNet of the same architecture (unet.init).
 
-    A UNet without the prompt-in-time-embedding path may seed one with it: the new path starts with
-    a zero output (its last LayerNorm zeroed), so the grown UNet computes exactly what the saved one did.
+    A saved UNet may also seed a grown one: with the prompt-in-time-embedding path, or with
+    attention at a level that had none. Each new part starts with a zero output (the embedding's
+    last LayerNorm, the attention's output projection; both sit on a residual path), so the grown
+    UNet computes exactly what the saved one did and training takes it from there.
     """
     from pathlib import Path
 
@@ -121,13 +135,18 @@ def load_unet_weights(unet, folder) -> None:
         raise UsageError(f"unet.init: {path} does not exist (give a diffusers unet/ folder with safetensors weights)")
     weights = load_file(str(path))
     own = unet.state_dict()
-    new = [k for k in own if k not in weights and k.startswith(GROWABLE)]
+    new = [k for k in own if k not in weights and GROWABLE.match(k)]
     wrong = [k for k in own if k not in new and (k not in weights or weights[k].shape != own[k].shape)]
     if wrong or len(weights) != len(own) - len(new):
         raise UsageError(f"unet.init: {folder} has another architecture than unet.* of this run "
                          f"(first difference: {(wrong or sorted(set(weights) - set(own)))[0]})")
     unet.load_state_dict(weights, strict=not new)
-    if new:
+    grown = {k.split(".proj_out.")[0] for k in new if ".proj_out." in k}
+    for name, module in unet.named_modules():
+        if name in grown:
+            torch.nn.init.zeros_(module.proj_out.weight)
+            torch.nn.init.zeros_(module.proj_out.bias)
+    if any(k.startswith("add_embedding.") for k in new):
         torch.nn.init.zeros_(unet.add_embedding.norm2.weight)
         torch.nn.init.zeros_(unet.add_embedding.norm2.bias)
 

@@ -1,11 +1,13 @@
 """`sfumato distill`: a model folder into a few-step (LCM) one that samples in 2-8 steps.
 
     sfumato distill models/mine --out models/mine-fast --steps 2000
+    sfumato distill models/mine --attach     # into models/mine/unet_lcm: few steps by default
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -17,7 +19,9 @@ app = typer.Typer()
 @app.command("distill")
 def distill_cmd(
     model: Path = typer.Argument(..., help="The model folder to distil (diffusers Stable Diffusion layout)."),
-    out_dir: Path = typer.Option(..., "--out", help="The few-step model folder to write."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="The few-step model folder to write."),
+    attach: bool = typer.Option(False, "--attach", help="Write the few-step UNet into MODEL itself (MODEL/unet_lcm): "
+                                "MODEL then samples in a few steps by default and keeps its other samplers."),
     steps: int = typer.Option(2000, "--steps", help="Distillation steps (batches)."),
     data: str = typer.Option("shapesworld", "--data", help='Pairs whose images and captions it learns on.'),
     batch_size: int = typer.Option(32, "--batch-size"),
@@ -30,5 +34,5 @@ def distill_cmd(
     from ..distill import DistillCfg, distill
 
     path = distill(model, out_dir, DistillCfg(steps=steps, batch_size=batch_size, lr=lr, pairs=pairs), data,
-                   resume=resume, overwrite=overwrite)
-    out.print(f"few-step model: {path}")
+                   resume=resume, overwrite=overwrite, attach=attach)
+    out.print(f"few-step UNet carried in {path}" if attach else f"few-step model: {path}")

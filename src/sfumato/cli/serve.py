@@ -38,12 +38,15 @@ def serve_cmd(
                                         "in native images: (width*height / native size squared) x images."),
     allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="Another Host name this server "
                                                    "answers to, besides 127.0.0.1, localhost and [::1] (repeatable)."),
+    cors: Optional[list[str]] = typer.Option(None, "--cors", help="An origin (https://host[:port]) whose web pages "
+                                             "may query the clip-retrieval endpoints, as clip-retrieval's front end "
+                                             "served elsewhere does; * for any (repeatable; default none)."),
 ) -> None:
     """Serve the native API (/docs), AUTOMATIC1111 and clip-retrieval endpoints, and a web page."""
     try:
         import uvicorn
 
-        from ..server import Limits, allowed_hosts, check_bind, create_app, model_loader
+        from ..server import Limits, allowed_hosts, check_bind, check_origins, create_app, model_loader
     except ImportError as e:
         raise SfumatoError(f"serving needs the serve extra: pip install 'sfumato[serve]' ({e})") from None
 
@@ -56,6 +59,7 @@ def serve_cmd(
         raise UsageError("--max-cost and --max-step-cost must be above 0")
     if model is not None and not model.is_dir():
         raise UsageError(f"model folder {model} does not exist")
+    origins = check_origins(list(cors or ()))
     for p in index or ():
         if not p.is_dir():
             raise UsageError(f"{p}: no such index (make one with `sfumato index build`)")
@@ -69,7 +73,7 @@ def serve_cmd(
 
     limits = Limits(max_queue=max_queue, job_seconds=job_seconds, max_cost=max_cost, max_step_cost=max_step_cost)
     app = create_app(model_loader(model, list(index or ())), api_key=api_key, limits=limits, on_load_error=stop,
-                     hosts=allowed_hosts(host, list(allow_host or ())))
+                     hosts=allowed_hosts(host, list(allow_host or ())), cors=origins or None)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:

@@ -8,7 +8,7 @@ web page, over one loaded model folder and its indexes (FastAPI + uvicorn, the `
 """
 
 from .app import create_app
-from .limits import Limits, allowed_hosts, check_bind
+from .limits import Limits, allowed_hosts, check_bind, check_origins
 from .models import model_loader
 
-__all__ = ["create_app", "Limits", "check_bind", "model_loader"]
+__all__ = ["create_app", "Limits", "allowed_hosts", "check_bind", "check_origins", "model_loader"]

@@ -28,6 +28,7 @@ from ..pipeline import SCHEDULERS
 from .deps import Server, get_models, get_server, submit, wait_for
 from .inpaint import Inpaint, png_with_parameters
 from .jobs import Job, Stopped
+from .limits import check_passes
 from .media import b64, decode_b64
 from .models import Models
 from .work import GenSpec, check_range, generation, prepare
@@ -54,8 +55,8 @@ class A1111Request(BaseModel):
     scheduler: Optional[str] = None
     batch_size: Optional[int] = 1
     n_iter: Optional[int] = 1
-    steps: Optional[int] = 20
-    cfg_scale: Optional[float] = 7.0
+    steps: Optional[int] = None  # None: the model's own steps, guidance and sampler (GET /v1/models)
+    cfg_scale: Optional[float] = None
     width: Optional[int] = None  # None or 0: the model's native size
     height: Optional[int] = None
     restore_faces: Optional[bool] = None
@@ -333,6 +334,9 @@ def _hires(req: Txt2ImgRequest, first: GenSpec, sampler: str, models: Models, se
     negative = req.hr_negative_prompt or first.negative
     spec = prepare(models, limits, prompt, negative, first.seed, steps, first.guidance, hr_sampler, tw, th, 1)
     spec.strength = strength
+    # prepare() checked each pass alone (the second per image); the cap is on the whole job
+    check_passes([("first pass", first.width, first.height, first.steps, first.n),
+                  ("hires pass", tw, th, _hires_steps(spec), first.n)], pipe.native, limits)
     extra.update({"Hires steps": steps, "Hires upscaler": upscaler, "Denoising strength": f"{strength:g}"})
     if hr_sampler != sampler:
         extra["Hires sampler"] = hr_sampler
@@ -343,12 +347,17 @@ def _hires(req: Txt2ImgRequest, first: GenSpec, sampler: str, models: Models, se
     return Hires(spec, upscaler, (cw, ch), extra)
 
 
+def _hires_steps(spec: GenSpec) -> int:
+    """Sampler steps the second pass runs per image: img2img skips the first (1 - strength) of them."""
+    return max(1, min(round(spec.steps * spec.strength), spec.steps))
+
+
 def hires_job(models: Models, first: GenSpec, hr: Hires, server: Server):
     """The job body: the first pass, then for each image its upscale and second pass (seed + i)."""
     from PIL import Image
 
     pipe = models.pipe
-    per_image = max(1, min(round(hr.spec.steps * hr.spec.strength), hr.spec.steps))
+    per_image = _hires_steps(hr.spec)
 
     def run(job: Job) -> list[dict]:
         step = _Pass(job, 0, first.n * per_image)
@@ -400,7 +409,8 @@ async def _run(req: A1111Request, request: Request, server: Server, models: Mode
     if batch < 1 or n_iter < 1:
         raise UsageError(f"batch_size and n_iter must be at least 1, got {batch} and {n_iter}")
     n = batch * n_iter  # image i uses seed + i, as AUTOMATIC1111's all_seeds
-    sampler = resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler)
+    own = models.pipe.defaults.get("scheduler") if models.pipe is not None else None
+    sampler = resolve_sampler(req.sampler_name or req.sampler_index or own, req.scheduler)
     _check_fields(req, sampler, models)
     init = mask = inpaint = hr = None
     if img2img:
@@ -411,9 +421,8 @@ async def _run(req: A1111Request, request: Request, server: Server, models: Mode
                 _refuse(f, "the old hires-fix sizes are not supported; send width, height and hr_scale or hr_resize_x/y")
     strength = DEFAULT_STRENGTH if req.denoising_strength is None else req.denoising_strength
     spec = prepare(models, server.limits, req.prompt or "", req.negative_prompt or "",
-                   -1 if req.seed is None else req.seed, 20 if req.steps is None else req.steps,
-                   7.0 if req.cfg_scale is None else req.cfg_scale, sampler, req.width or 0, req.height or 0, n,
-                   init, mask, strength)
+                   -1 if req.seed is None else req.seed, req.steps, req.cfg_scale, sampler, req.width or 0,
+                   req.height or 0, n, init, mask, strength)
     warnings = []
     native = models.pipe.native
     if (spec.width, spec.height) != (native, native):
@@ -547,6 +556,12 @@ def interrupt(server: Server = Depends(get_server)):
 @router.post("/skip")
 def skip(server: Server = Depends(get_server)):
     return interrupt(server)
+
+
+@router.get("/scripts")
+def scripts():
+    """None: sfumato runs no scripts (webuiapi asks on connecting which extensions it may use)."""
+    return {"txt2img": [], "img2img": []}
 
 
 @router.get("/samplers")

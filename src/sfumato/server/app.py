@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..errors import SfumatoError, UsageError
@@ -34,10 +35,12 @@ from .native import router as native
 
 log = logging.getLogger("sfumato.server")
 STATIC = Path(__file__).parent / "static"
+CORS_PATHS = frozenset(route.path for route in knn.routes)  # clip-retrieval's: the only ones --cors opens
 
 
 def create_app(loader: Callable[[], Models], api_key: str | None = None, limits: Limits | None = None,
-               on_load_error: Callable[[str], None] | None = None, hosts: list[str] | None = None) -> FastAPI:
+               on_load_error: Callable[[str], None] | None = None, hosts: list[str] | None = None,
+               cors: list[str] | None = None) -> FastAPI:
     """The app. `loader()` runs at start-up in a thread and returns the Models to serve.
 
     Args:
@@ -47,6 +50,8 @@ def create_app(loader: Callable[[], Models], api_key: str | None = None, limits:
             HTTP Basic password).
         limits: request and job caps.
         hosts: the Host header values served (`allowed_hosts`); others get 400. None: any host.
+        cors: origins (or "*") whose pages may call the clip-retrieval endpoints, as its back end allows
+            any (flask_cors), so its web front end served elsewhere can query this server. None: no CORS.
     """
     from contextlib import asynccontextmanager
 
@@ -77,7 +82,9 @@ def create_app(loader: Callable[[], Models], api_key: str | None = None, limits:
     app.state.server = server
     app.add_middleware(BodyCap, max_body=limits.max_body)
     app.add_middleware(Gate, server=server)  # outside BodyCap: refuses before any body is read
-    app.add_middleware(SameOrigin, hosts=hosts)
+    app.add_middleware(SameOrigin, hosts=hosts, cors=cors or (), cors_paths=CORS_PATHS)
+    if cors:  # outside the refusals above, so a browser can read them too
+        app.add_middleware(CorsFor, paths=CORS_PATHS, origins=cors)
     if hosts is not None:  # DNS rebinding: a page of evil.example resolved to 127.0.0.1 sends Host: evil.example
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
     _add_error_handlers(app)
@@ -159,19 +166,25 @@ SAFE_METHODS = (b"GET", b"HEAD", b"OPTIONS")
 class SameOrigin:
     """403 for a state-changing request from a foreign origin: a browser page elsewhere may POST a
     form here (no CORS preflight for form content types), so the Origin header is checked. Our own:
-    Starlette's CORSMiddleware only adds response headers and never refuses a request."""
+    Starlette's CORSMiddleware only adds response headers and never refuses a request. Origins given
+    to --cors pass on the paths it opens."""
 
-    def __init__(self, app, hosts: list[str] | None):
-        self.app, self.hosts = app, set(hosts or ())
+    def __init__(self, app, hosts: list[str] | None, cors=(), cors_paths=frozenset()):
+        self.app, self.hosts, self.cors, self.cors_paths = app, set(hosts or ()), set(cors), cors_paths
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"].encode() not in SAFE_METHODS:
             headers = dict(scope.get("headers") or [])
             origin = headers.get(b"origin")
-            if origin is not None and not self._same(origin.decode("latin-1"), headers.get(b"host", b"")):
+            origin = None if origin is None else origin.decode("latin-1")
+            if origin is not None and not self._same(origin, headers.get(b"host", b"")) \
+                    and not self._cors(origin, scope["path"]):
                 response = JSONResponse({"detail": "cross-origin request refused"}, status_code=403)
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)
+
+    def _cors(self, origin: str, path: str) -> bool:
+        return path in self.cors_paths and ("*" in self.cors or origin in self.cors)
 
     def _same(self, origin: str, host: bytes) -> bool:
         from urllib.parse import urlsplit
@@ -186,6 +199,21 @@ class SameOrigin:
         if o.netloc.lower() == host.decode("latin-1").lower():
             return True
         return (f"[{name}]" if ":" in name else name) in self.hosts
+
+
+class CorsFor:
+    """Starlette's CORSMiddleware on some paths only: preflights answered, Access-Control-Allow-Origin
+    sent to the origins given; every other path answers as without it."""
+
+    def __init__(self, app, paths: frozenset, origins: list[str]):
+        self.app, self.paths = app, paths
+        self.cors = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST"],
+                                   allow_headers=["Content-Type", "Authorization", "X-API-Key"])
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            return await self.cors(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class Gate:

@@ -2,11 +2,13 @@
 clients query sfumato indexes unchanged.
 
 Bodies are read as JSON whatever their Content-Type, as clip-retrieval's back end reads them: its
-Python client sends none and its web page sends text/plain. Results carry id, similarity, caption
-and the image as base64 (clip-retrieval returns `image` for indexes of local files). The server
-fetches nothing: `image_url` is refused. Filters that need models sfumato does not have (safety,
-violence, aesthetic embeddings) are accepted and have no effect, as in a clip-retrieval back end
-started without those models.
+Python client sends none and its web page sends text/plain. As its back end, /knn-service answers
+up to num_result_ids hits, the first num_images of them with caption and the image as base64
+(clip-retrieval returns `image` for indexes of local files), the rest with id and similarity only:
+its web page fetches their metadata from /metadata as the user scrolls. `deduplicate` drops
+near-duplicates of a better hit as its back end does. The server fetches nothing: `image_url` is
+refused. Filters that need models sfumato does not have (safety, violence, aesthetic embeddings) are
+accepted and have no effect, as in a clip-retrieval back end started without those models.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class KnnRequest(BaseModel):
     num_images: int = 40
     num_result_ids: Optional[int] = None
     indice_name: Optional[str] = None
-    deduplicate: bool = True
+    deduplicate: bool = False  # the back end's default when absent; its client and web page send true
     use_mclip: bool = False
     use_safety_model: bool = False
     use_violence_detector: bool = False
@@ -122,13 +124,16 @@ def knn_service(body: Any = Depends(json_body), server: Server = Depends(get_ser
     if req.use_mclip:
         raise UsageError("use_mclip: no multilingual CLIP is loaded")
     index = find_index(models, req.indice_name)
-    k = req.num_result_ids or req.num_images
-    check_range("num_images", k, 1, server.limits.max_k)
-    hits = search(index.snapshot, _query(req, server, models), k)
+    check_range("num_images", req.num_images, 1, server.limits.max_k)
+    k = req.num_images if req.num_result_ids is None else req.num_result_ids
+    check_range("num_result_ids", k, 1, server.limits.max_result_ids)
+    hits = search(index.snapshot, _query(req, server, models), k, deduplicate=req.deduplicate)
     out = []
-    for h in hits[:req.num_images]:
-        out.append({"id": h.id, "similarity": round(h.score, 6), "caption": h.caption or "",
-                    "image": b64(read_indexed(h.path))})
+    for rank, h in enumerate(hits):
+        item = {"id": h.id, "similarity": round(h.score, 6)}
+        if rank < req.num_images:  # the rest: the client asks /metadata when it needs them
+            item.update(caption=h.caption or "", image=b64(read_indexed(h.path)))
+        out.append(item)
     return out
 
 
@@ -139,6 +144,7 @@ def metadata(body: Any = Depends(json_body), server: Server = Depends(get_server
     index = find_index(models, req.indice_name)
     check_range("number of ids", len(req.ids), 0, server.limits.max_k)
     rows = index.snapshot.rows(req.ids)
-    return {"metadata": [{"id": i, "metadata": {"caption": rows[i]["caption"] or "", "width": rows[i]["width"],
-                                                "height": rows[i]["height"]}}
-                         for i in req.ids if i in rows]}
+    # clip-retrieval's shape: a list of {id, metadata}, which its web page merges into the hits it shows
+    return [{"id": i, "metadata": {"caption": rows[i]["caption"] or "", "image": b64(read_indexed(rows[i]["path"])),
+                                   "width": rows[i]["width"], "height": rows[i]["height"]}}
+            for i in req.ids if i in rows]

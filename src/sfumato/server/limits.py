@@ -32,6 +32,9 @@ class Limits:
     # per VAE decode on a CPU.
     max_step_cost: float = 8.0
     max_k: int = 200  # search results per query
+    # clip-retrieval result ids per query: beyond num_images (<= max_k) they carry id and similarity only,
+    # and its web page asks for 3,000 to fetch their metadata as the user scrolls
+    max_result_ids: int = 3000
     max_uploads: int = 64  # images per index-add or classify request
     max_labels: int = 64  # zero-shot labels per classify request
     max_templates: int = 16  # prompt templates per classify request
@@ -62,6 +65,19 @@ def check_cost(width: int, height: int, native: int, steps: int, n: int, limits:
                      "steps, images or pixels")
 
 
+def check_passes(passes: list[tuple[str, int, int, int, int]], native: int, limits: Limits) -> None:
+    """Refuse a job of several passes (name, width, height, steps, images), as AUTOMATIC1111's hires fix,
+    whose summed cost is over max_cost: each pass alone may be within it. Checked before queueing."""
+    costs = [job_cost(w, h, native, steps, n)[0] for _, w, h, steps, n in passes]
+    total = sum(costs)
+    if total <= limits.max_cost:
+        return
+    parts = "; ".join(f"{name} {w}x{h} x {steps} steps x {n} image(s) = {_num(c)}"
+                      for (name, w, h, steps, n), c in zip(passes, costs))
+    raise UsageError(f"this job costs {_num(total)} native-image steps in all ({parts}; native size {native}x{native}), "
+                     f"over the limit of {_num(limits.max_cost)} per job: ask for fewer steps, images or pixels")
+
+
 def _num(x: float) -> str:
     """1,200 or 13.5 or 0.25: thousands separated, at most two decimals, no exponent."""
     return f"{x:,.2f}".rstrip("0").rstrip(".")
@@ -90,6 +106,25 @@ def allowed_hosts(bind: str, extra: list[str] = ()) -> list[str] | None:
         return None
     hosts = [*LOOPBACK_NAMES, name(bind), *map(name, extra)]
     return list(dict.fromkeys(h for h in hosts if h not in ("0.0.0.0", "[::]")))
+
+
+def check_origins(origins: list[str]) -> list[str]:
+    """--cors values: "*" or origins as a browser sends them (scheme://host[:port], no path), which
+    CORSMiddleware compares as exact strings."""
+    from urllib.parse import urlsplit
+
+    for o in origins:
+        if o == "*":
+            continue
+        try:
+            u = urlsplit(o)
+            ok = u.scheme in ("http", "https") and bool(u.hostname) and o == f"{u.scheme}://{u.netloc}"
+        except ValueError:
+            ok = False
+        if not ok or o != o.lower():
+            raise UsageError(f"--cors {o!r}: give an origin as a browser sends it, scheme://host[:port] in lower "
+                             "case without a path (https://example.org), or *")
+    return list(origins)
 
 
 def check_bind(host: str, api_key: str | None) -> None:

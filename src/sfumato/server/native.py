@@ -32,9 +32,9 @@ class GenerateRequest(Strict):
     prompt: str
     negative: str = S.negative
     seed: int = Field(S.seed, description="Seed of the first image; image i uses seed + i; -1: random.")
-    steps: int = S.steps
-    guidance: float = S.guidance
-    scheduler: str = S.scheduler
+    steps: Optional[int] = Field(None, description="Sampler steps; default: the model's own (GET /v1/models).")
+    guidance: Optional[float] = Field(None, description="Guidance scale; default: the model's own.")
+    scheduler: Optional[str] = Field(None, description="Sampler (GET /v1/schedulers); default: the model's own.")
     width: int = Field(S.width, description="Pixels; 0: the model's native size.")
     height: int = S.height
     n: int = 1
@@ -84,6 +84,29 @@ def generate(req: GenerateRequest, server: Server = Depends(get_server), models:
     spec = prepare(models, server.limits, **req.model_dump())
     job = submit(server, "generate", generation(models, spec, server.limits), total=spec.steps)
     return {"id": job.id, "status": job.status, "url": f"/v1/jobs/{job.id}", "events": f"/v1/jobs/{job.id}/events"}
+
+
+@router.get("/models")
+def list_models(models: Models = Depends(get_models)):
+    """The model this server draws with: its native size and generation defaults ("defaults": what a
+    request without steps, guidance or scheduler gets; "full_defaults": the same with any sampler but
+    the few-step LCM one, for a model that carries a distilled UNet) and the samplers it can run."""
+    from ..config import DEFAULT_SCHEDULER
+    from ..pipeline import DISTILLED_ONLY, SCHEDULERS
+
+    pipe = models.pipe
+    if pipe is None:
+        return [{"name": models.name, "generates": False}]
+
+    def fields(s):
+        return {"steps": s.steps, "guidance": s.guidance, "scheduler": s.scheduler}
+
+    samplers = [name for name in SCHEDULERS
+                if (pipe.fast_unet if name in DISTILLED_ONLY else pipe.full_unet) is not None]
+    full = pipe.full_defaults.get("scheduler", DEFAULT_SCHEDULER)
+    return [{"name": pipe.name, "hash": pipe.hash, "generates": True, "native": pipe.native,
+             "multiple": pipe.multiple, "samplers": samplers, "defaults": fields(pipe.settings("")),
+             "full_defaults": fields(pipe.settings("", scheduler=full)) if pipe.full_unet is not None else None}]
 
 
 def job_json(job: Job, server: Server, images: bool = False) -> dict:

@@ -39,16 +39,19 @@ class GenSpec(GenerationSettings):
 
 
 def prepare(models, limits: Limits, prompt: str, negative: str = S.negative, seed: int = S.seed,
-            steps: int = S.steps, guidance: float = S.guidance, scheduler: str = S.scheduler, width: int = S.width,
+            steps: int | None = None, guidance: float | None = None, scheduler: str | None = None, width: int = S.width,
             height: int = S.height, n: int = 1, init_image: str | None = None, mask: str | None = None,
             strength: float = DEFAULT_STRENGTH, explain: bool = False) -> GenSpec:
     """Check a request against the server's limits and the model (Pipeline.check), decode its images.
+    Steps, guidance and scheduler not given are the model's own defaults (Pipeline.settings).
 
     Raises:
         UsageError: naming the field and the limit (the server answers 422)."""
     pipe = models.pipe
     if pipe is None:
         raise UsageError(f"{models.name} has no UNet: this server does search only")
+    own = pipe.settings(prompt, steps=steps, guidance=guidance, scheduler=scheduler)
+    steps, guidance, scheduler = own.steps, own.guidance, own.scheduler
     check_text("prompt", prompt, limits)
     check_text("negative prompt", negative, limits)
     check_range("steps", steps, 1, limits.max_steps)
@@ -78,7 +81,8 @@ def stoppable_modules(pipe) -> list:
     runs hundreds of them and the VAE decode after the last step is as long as several steps, so a
     per-step check leaves a cancel waiting for seconds at large sizes; a check per layer costs about a
     microsecond."""
-    return [m for part in (pipe.unet, pipe.vae.decoder) for m in part.modules()]
+    unets = {id(u): u for u in (pipe.full_unet, pipe.fast_unet) if u is not None}.values()
+    return [m for part in (*unets, pipe.vae.decoder) for m in part.modules()]
 
 
 @contextmanager

@@ -72,11 +72,11 @@ def test_a_stale_export_is_not_used(exported, tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = fresh_copy(exported, tmp_path)
-    path = model / "unet" / "diffusion_pytorch_model.safetensors"
+    path = model / "unet_lcm" / "diffusion_pytorch_model.safetensors"
     weights = load_file(str(path))
-    weights["conv_out.bias"] = weights["conv_out.bias"] + 0.1  # the model was trained on after its export
+    weights["conv_out.bias"] = weights["conv_out.bias"] + 0.1  # distilled again after the export
     save_file(weights, str(path))
-    with pytest.warns(UserWarning, match="other unet/ weights .stale.*sfumato export"):
+    with pytest.warns(UserWarning, match="other unet_lcm/ weights .stale.*sfumato export"):
         pipe = sfumato.load(model)
     assert pipe.graphs == {}
     with pytest.raises(UsageError, match="stale"):
@@ -126,3 +126,14 @@ def test_graph_unet_takes_what_the_module_takes(exported):
         ref = unet(x, torch.tensor(500), encoder_hidden_states=ctx, timestep_cond=w).sample
     got = graph(x, torch.tensor(500), encoder_hidden_states=ctx, timestep_cond=w).sample
     assert torch.allclose(ref, got, atol=1e-4)
+
+
+def test_some_graphs_only(exported, tmp_path, capsys):
+    model = fresh_copy(exported, tmp_path)
+    assert main(["export", str(model), "--graphs", "unet_lcm,vae_decoder"]) == 0
+    pipe = sfumato.load(model)
+    assert set(pipe.graphs) == {"unet_lcm", "vae_decoder"}
+    s = pipe.settings("a red circle", seed=1, scheduler="DPM++ 2M")  # its UNet runs in PyTorch
+    assert pipe.generate(s)[0].size == (32, 32)
+    assert main(["export", str(model), "--graphs", "unet_xl"]) != 0
+    assert "has no unet_xl to export" in capsys.readouterr().err

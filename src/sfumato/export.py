@@ -89,8 +89,9 @@ DYNAMIC = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "bat
            "latents": {0: "batch", 2: "height", 3: "width"}, "out": {0: "batch", 2: "height", 3: "width"}}
 
 
-def export(model: str | Path, progress: bool = True) -> Path:
-    """Write MODEL/onnx (replacing an old export whole) and return it."""
+def export(model: str | Path, graphs: list[str] | None = None, progress: bool = True) -> Path:
+    """Write MODEL/onnx (replacing an old export whole) with the named graphs (default: every one the
+    model has: unet, unet_lcm, vae_decoder) and return it."""
     from .cli.console import out as console_out
     from .pipeline import load
 
@@ -101,10 +102,15 @@ def export(model: str | Path, progress: bool = True) -> Path:
         if importlib.util.find_spec(name) is None:
             raise UsageError(f"sfumato export needs {name}: pip install 'sfumato[export]'")
     pipe = load(folder, device="cpu", onnx=False)
+    parts = _parts(pipe)
+    unknown = sorted(set(graphs or ()) - set(parts))
+    if unknown:
+        raise UsageError(f"{folder} has no {', '.join(unknown)} to export; it has {', '.join(parts)}")
+    parts = {k: v for k, v in parts.items() if not graphs or k in graphs}
     work = Path(tempfile.mkdtemp(prefix=".onnx-", dir=folder))
     try:
         manifest = {"format": FORMAT, "torch": torch.__version__, "opset": OPSET, "graphs": {}}
-        for name, (sub, module) in _parts(pipe).items():
+        for name, (sub, module) in parts.items():
             inputs = _example(name, module, pipe)
             wrapper = (_DecoderGraph if name == "vae_decoder" else _UNetGraph)(module).eval()
             path = work / f"{name}.onnx"

@@ -211,9 +211,12 @@ def probe(args) -> None:
     tok = load_tokenizer(clip_folder(Path(args.base)))
     ids, _ = encode(tok, data.captions)
     arms = args.arms.split(",")
-    entries = []
+    entries, seen = [], set()
     for arm in arms:
         cfg = arm_config(arm, args.set, meta)
+        if json.dumps(speed_signature(cfg)) in seen:  # as fast as an arm just probed: shares its figure
+            continue
+        seen.add(json.dumps(speed_signature(cfg)))
         clip = new_clip(cfg, tok)
         spec = clip_stage(cfg, data, tok, ids, clip, torch.device("cpu"))
         opt = torch.optim.AdamW(spec.model.parameters(), 1e-4)
@@ -248,21 +251,13 @@ def run_arm(args) -> None:
     base = Path(args.base)
     if args.arm == "shipped":
         args.minutes, args.steps = 0, None
+    if args.steps is not None:
+        args.minutes = None  # a fixed number of steps, not a budget
     cfg = arm_config(args.arm, args.set, meta, args.seed)
     overrides = ARMS[args.arm][1] + list(args.set or [])
     warm = (ARMS[args.arm][0] or bool(args.init)) and not args.scratch
     name = f"{args.arm}-s{args.seed}" + (f"-{args.tag}" if args.tag else "")
     work = root / name
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "logs").mkdir(parents=True)
-
-    tok = load_tokenizer(clip_folder(base))
-    ids, _ = encode(tok, data.captions)
-    torch.manual_seed(args.seed)
-    clip = new_clip(cfg, tok)
-    init = load_init(clip, Path(args.init) if args.init else base) if warm else None
-    params = sum(p.numel() for p in clip.parameters())
-
     if args.steps is not None:
         steps, probed = args.steps, None
     elif args.minutes == 0:
@@ -275,6 +270,15 @@ def run_arm(args) -> None:
                              + "".join(f" --set {s}" for s in args.set or []) + f" --threads {args.threads}` first")
         steps = max(1, int(args.minutes * 60 * probed / cfg.clip.batch_size))
     cfg.clip.steps = max(1, steps)
+
+    tok = load_tokenizer(clip_folder(base))
+    ids, _ = encode(tok, data.captions)
+    torch.manual_seed(args.seed)
+    clip = new_clip(cfg, tok)
+    init = load_init(clip, Path(args.init) if args.init else base) if warm else None
+    params = sum(p.numel() for p in clip.parameters())
+    shutil.rmtree(work, ignore_errors=True)  # only now: a refused arm leaves an earlier run of it alone
+    (work / "logs").mkdir(parents=True)
     log(f"{name}: {params / 1e6:.2f} M parameters, {steps} steps of {cfg.clip.batch_size} "
         f"({args.minutes} min at {probed} samples/s), {args.threads} thread(s), "
         f"{'warm from ' + init['from'] if init else 'from scratch'}"
@@ -307,7 +311,7 @@ def run_arm(args) -> None:
               "minutes": args.minutes, "threads": args.threads, "steps": steps, "samples_per_s": probed,
               "samples_per_s_this_run": round(steps * cfg.clip.batch_size / train_s, 1) if train_s else None,
               "train_seconds": round(train_s), "eval_seconds": round(time.perf_counter() - t0),
-              "params_m": round(params / 1e6, 3), "data": {k: meta[k] for k in ("pairs", "seed", "res", "fingerprint")},
+              "params_m": round(params / 1e6, 3), "held_out_pairs": int(len(val)), "data": {k: meta[k] for k in ("pairs", "seed", "res", "fingerprint")},
               "config": to_dict(cfg), "clip": held, **search}
     (work / "result.json").write_text(json.dumps(result, indent=1))
     m = search["search"]
@@ -354,20 +358,26 @@ def report(args) -> None:
             ("hn swap colours", "clip", "hard_negative_swap_colors_acc"),
             ("hn swap relation", "clip", "hard_negative_swap_relation_acc"),
             ("hn count", "clip", "hard_negative_count_acc"), ("hn shape", "clip", "hard_negative_shape_acc")]
+    if any("composite_top3_swept" in r["search"] for r in rows):
+        cols.insert(3, ("composite top-3 swept", "search", "composite_top3_swept"))
     head = "| arm | init | min | samples/s | steps | " + " | ".join(c[0] for c in cols) + " | targets |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    settings = {json.dumps([r["eval"], r.get("held_out_pairs")]) for r in rows}
     for r in rows:
         init = r.get("init")
         how = "scratch" if not init else ("warm, resized" if init.get("resized") else "warm")
         met = all(r["search"].get(k, 0) >= v for k, v in TARGETS.items())
         cells = [f"{r[sec].get(key, float('nan')):.3f}" for _, sec, key in cols]
-        lines.append(f"| {r['arm']}-s{r['seed']}{'-' + r['tag'] if r.get('tag') else ''} | {how} | {r['minutes']} | "
+        minutes = "" if r["minutes"] is None else r["minutes"]
+        lines.append(f"| {r['arm']}-s{r['seed']}{'-' + r['tag'] if r.get('tag') else ''} | {how} | {minutes} | "
                      f"{r['samples_per_s'] or ''} | {r['steps']} | " + " | ".join(cells) + f" | {'met' if met else ''} |")
     n = rows[0]["eval"] if rows else {}
     text = ("Search metrics (benchmarks/eval_search.py) on a held-out gallery of "
             f"{n.get('n')} ShapesWorld images (seed {n.get('seed')}), composite {n.get('method')} alpha "
-            f"{n.get('alpha')}; hard-negative accuracies on the first {1000} held-out training pairs. Targets: "
-            + ", ".join(f"{k} >= {v}" for k, v in TARGETS.items()) + ".\n\n" + "\n".join(lines) + "\n")
+            f"{n.get('alpha')}; hard-negative accuracies (hn) on {rows[0].get('held_out_pairs') if rows else ''} "
+            "held-out training pairs. Targets: " + ", ".join(f"{k} >= {v}" for k, v in TARGETS.items()) + ".\n\n"
+            + ("**The arms were not all measured alike (gallery, queries or held-out pairs differ).**\n\n"
+               if len(settings) > 1 else "") + "\n".join(lines) + "\n")
     print(text)
     if args.md:
         Path(args.md).write_text(text)
@@ -438,8 +448,8 @@ def main(argv=None) -> None:
     p.add_argument("--queries", type=int, default=800, help="arm: composite queries")
     p.add_argument("--sweep", action="store_true", help="arm: also tune the composite method/alpha on seed + 1")
     p.add_argument("--probe-steps", type=int, default=8, help="probe: timed steps per arm")
-    p.add_argument("--arms", default="cont,patch4,hardneg,patch4-hardneg,lr3e-4,batch256",
-                   help="probe: comma-separated arm names")
+    p.add_argument("--arms", default=",".join(a for a in ARMS if a != "shipped"),
+                   help="probe: comma-separated arm names (one probe per distinct speed signature)")
     p.add_argument("--md", default="", help="report: also write the table here")
     p.add_argument("--run", default="", help="ship: the arm folder, e.g. cont-s0")
     p.add_argument("--into", default="", help="ship: the model folder whose clip/ is replaced")

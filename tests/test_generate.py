@@ -586,4 +586,4 @@ def test_train_lists_every_config_key_with_default_and_range(capsys):
         assert line.startswith(f"{key} = {default!r}"), line
         if key in RANGES:
             assert f"[{RANGES[key][0]:g} to" in line or f"[{RANGES[key][0]} to" in line, line
-    assert any(l.startswith("unet.lr = ") and "presets: " in l and "small 0.002" in l for l in lines)
+    assert any(l.startswith("unet.lr = ") and "presets: " in l and "small 0.001" in l for l in lines)

@@ -68,6 +68,30 @@ def test_shape_edit_names_a_shape_the_caption_does_not():
     assert edit_caption("a circle and a square", "shape", rng) in {"a circle and a triangle", "a circle and a cross"}
 
 
+def test_more_hard_negatives_per_caption_and_shape_edits():
+    from sfumato.clip import ALL_EDIT_KINDS, batch_negatives, hard_negative, hard_negatives
+
+    caps = ["a red circle to the left of a blue square", "three purple circles", "the digit 7 in red"]
+    # one per caption with the default kinds: the same edits, in the same order, as before
+    a, b = random.Random(3), random.Random(3)
+    assert batch_negatives(caps, a) == [e for c in caps if (e := hard_negative(c, b))]
+    three = hard_negatives(caps[0], random.Random(0), 3, ALL_EDIT_KINDS)
+    assert len(three) == len(set(three)) == 3 and caps[0] not in three
+    shapes = {e for seed in range(20) for e in hard_negatives(caps[1], random.Random(seed), 1, ("shape",))}
+    assert shapes and all(e.startswith("three purple ") and "circles" not in e for e in shapes)
+    assert len(batch_negatives(caps, random.Random(0), 2, ALL_EDIT_KINDS)) <= 6
+
+
+def test_clip_negative_kinds_are_checked():
+    from sfumato.config import validate
+
+    validate(apply_overrides(get_preset("tiny"), ["clip.negatives=3", "clip.negative_kinds=('shape','color')"]))
+    with pytest.raises(UsageError, match="negative_kinds.*'hue'"):
+        validate(apply_overrides(get_preset("tiny"), ["clip.negative_kinds=('hue',)"]))
+    with pytest.raises(UsageError, match="clip.negatives"):
+        validate(apply_overrides(get_preset("tiny"), ["clip.negatives=0"]))
+
+
 def test_counterfactual_sensitivity_of_the_shipped_model():
     """The shipped UNet reads the shape word (measured +16-25 % x0 error at t = 700 when it is changed)."""
     from sfumato.evaluate import COUNTERFACTUAL_EDITS, counterfactual_sensitivity

@@ -149,9 +149,10 @@ class ConsistencyLoss:
 
 
 def distill(model: str | Path, out: str | Path | None, cfg: DistillCfg, data_source: str = "shapesworld",
-            resume: bool = False, overwrite: bool = False, progress: bool = True, attach: bool = False) -> Path:
+            resume: bool = False, overwrite: bool = False, progress: bool = True, attach: bool = False,
+            init: str | Path | None = None) -> Path:
     """Distil the model folder `model` into `out` (with attach: into `model`/unet_lcm); resumable from
-    `out`.partial/checkpoints."""
+    `out`.partial/checkpoints. `init`: a distilled UNet folder of this teacher to go on from."""
     from diffusers.training_utils import EMAModel
 
     from .config import DataCfg
@@ -175,6 +176,8 @@ def distill(model: str | Path, out: str | Path | None, cfg: DistillCfg, data_sou
     if Path(model).resolve() == out.resolve():
         raise UsageError("--out must be another folder than the model being distilled")
     student = student_unet(pipe.unet, cfg.cond_dim)
+    if init is not None:
+        _load_student(student, Path(init))
     data = load_pairs_data(data_source, DataCfg(res=pipe.native, shapes_n=cfg.pairs), progress=progress)
     if not len(data.train_idx):
         raise UsageError(f"{data_source} has no training pairs to distil on")
@@ -209,6 +212,20 @@ def distill(model: str | Path, out: str | Path | None, cfg: DistillCfg, data_sou
         _write_folder(final, lcm, work, cfg, record, Path(model))
         publish_dir(work, out)
     return out
+
+
+def _load_student(student, folder: Path) -> None:
+    """Go on from an earlier distillation: its weights, which must fit the student exactly."""
+    from safetensors.torch import load_file
+
+    path = folder / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        raise UsageError(f"--init: {path} does not exist (give a distilled unet folder, e.g. MODEL/unet_lcm)")
+    weights, own = load_file(str(path)), student.state_dict()
+    if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
+        raise UsageError(f"--init: {folder} is not a distilled UNet of this model (another architecture or "
+                         f"guidance input size)")
+    student.load_state_dict(weights)
 
 
 def _card(teacher_folder: Path) -> dict:

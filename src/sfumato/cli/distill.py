@@ -28,11 +28,13 @@ def distill_cmd(
     lr: float = typer.Option(2e-4, "--lr"),
     pairs: int = typer.Option(30_000, "--pairs", help='ShapesWorld pairs when --data is "shapesworld".'),
     resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run from its last checkpoint."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Go on from an earlier distilled UNet of this model "
+                                        "(e.g. MODEL/unet_lcm, with --attach --overwrite)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder or unfinished run."),
 ) -> None:
     """Distil a model into a few-step one (latent consistency distillation onto LCMScheduler)."""
     from ..distill import DistillCfg, distill
 
     path = distill(model, out_dir, DistillCfg(steps=steps, batch_size=batch_size, lr=lr, pairs=pairs), data,
-                   resume=resume, overwrite=overwrite, attach=attach)
+                   resume=resume, overwrite=overwrite, attach=attach, init=init)
     out.print(f"few-step UNet carried in {path}" if attach else f"few-step model: {path}")

@@ -31,9 +31,8 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .pipeline import FAST_STEPS
 from .sampling import guidance_embedding
-
-FAST_STEPS = 8  # the default model kept its score within 0.03 at 8 steps, not at 4 (docs/speed.md)
 
 
 @dataclass
@@ -221,11 +220,11 @@ def _load_student(student, folder: Path) -> None:
     path = folder / "diffusion_pytorch_model.safetensors"
     if not path.is_file():
         raise UsageError(f"--init: {path} does not exist (give a distilled unet folder, e.g. MODEL/unet_lcm)")
-    weights, own = load_file(str(path)), student.state_dict()
-    if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
+    try:
+        student.load_state_dict(load_file(str(path)))  # strict: every tensor by name and shape
+    except RuntimeError:
         raise UsageError(f"--init: {folder} is not a distilled UNet of this model (another architecture or "
-                         f"guidance input size)")
-    student.load_state_dict(weights)
+                         f"guidance input size)") from None
 
 
 def _card(teacher_folder: Path) -> dict:

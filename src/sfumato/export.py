@@ -61,7 +61,7 @@ def _parts(pipe) -> dict[str, tuple[str, torch.nn.Module]]:
     if pipe.full_unet is not None:
         parts["unet"] = ("unet", pipe.full_unet)
     if pipe.fast_unet is not None:
-        parts["unet_lcm"] = ("unet" if pipe.distilled else FAST_UNET, pipe.fast_unet)
+        parts[FAST_UNET] = ("unet" if pipe.distilled else FAST_UNET, pipe.fast_unet)
     parts["vae_decoder"] = ("vae", pipe.vae)
     return parts
 

@@ -81,8 +81,8 @@ def stoppable_modules(pipe) -> list:
     runs hundreds of them and the VAE decode after the last step is as long as several steps, so a
     per-step check leaves a cancel waiting for seconds at large sizes; a check per layer costs about a
     microsecond."""
-    unets = {id(u): u for u in (pipe.full_unet, pipe.fast_unet) if u is not None}.values()
-    return [m for part in (*unets, pipe.vae.decoder) for m in part.modules()]
+    parts = [u for u in (pipe.full_unet, pipe.fast_unet) if u is not None] + [pipe.vae.decoder]
+    return [m for part in parts for m in part.modules()]
 
 
 @contextmanager

@@ -242,9 +242,13 @@ def run_arm(args) -> None:
 
 
 def base_copy(base: Path, folder: Path) -> Path:
-    """The base model's folder without its UNet, sampler and card: tokenizer, text tower, VAE, CLIP."""
+    """The base model's folder without its UNet, sampler and card: tokenizer, text tower, VAE, CLIP. Its
+    few-step UNet and ONNX graphs stay behind too: they belong to the base's UNet, and an arm is
+    evaluated with the full sampler it was trained for."""
+    from sfumato.pipeline import FAST_UNET
+
     shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(base, folder, ignore=shutil.ignore_patterns("unet", "scheduler", "sfumato.json"))
+    shutil.copytree(base, folder, ignore=shutil.ignore_patterns("unet", "scheduler", "sfumato.json", FAST_UNET, "onnx"))
     return folder
 
 

@@ -123,8 +123,33 @@ def test_sfumato_samples_a_distilled_folder_with_its_own_settings(fast):
             generator=torch.Generator().manual_seed(3)).images[0]
     diff = np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int))
     assert diff.max() <= 2  # the same image as plain diffusers draws from the same seed
-    with pytest.raises(UsageError, match="--scheduler LCM only"):
+    with pytest.raises(UsageError, match="--scheduler LCM or TCD only"):
         pipe.generate(pipe.settings("a red circle", scheduler="DPM++ 2M"))
+
+
+def test_tcd_samples_the_distilled_unet_as_plain_diffusers_does(fast):
+    import numpy as np
+    from diffusers import StableDiffusionPipeline, TCDScheduler
+
+    import sfumato
+
+    pipe = sfumato.load(fast)
+    s = pipe.settings("a red circle", seed=5, scheduler="TCD")
+    assert (s.scheduler, s.steps) == ("TCD", FAST_STEPS)  # a few-step sampler takes the few-step defaults
+    a = pipe.generate(s)[0]
+    assert "Sampler: TCD" in a.info["parameters"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = StableDiffusionPipeline.from_pretrained(fast, safety_checker=None, requires_safety_checker=False)
+    ref.scheduler = TCDScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    # TCD draws fresh noise each step: one generator per image, as sfumato seeds image i with seed + i
+    b = ref("a red circle", num_inference_steps=s.steps, guidance_scale=s.guidance, eta=0.3,
+            generator=[torch.Generator().manual_seed(5)]).images[0]
+    diff = np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int))
+    assert diff.max() <= 2
+    lcm = pipe.generate(pipe.settings("a red circle", seed=5))[0]
+    assert not np.array_equal(np.asarray(a), np.asarray(lcm))
 
 
 def test_generate_cli_takes_the_folder_defaults(fast, tmp_path):

@@ -43,6 +43,7 @@ def test_models_lists_both_paths(client):
     assert m["defaults"] == {"steps": FAST_STEPS, "guidance": 4.0, "scheduler": "LCM"}
     assert m["full_defaults"]["scheduler"] == "DPM++ 2M" and m["full_defaults"]["steps"] == 20
     assert "LCM" in m["samplers"] and "Euler a" in m["samplers"] and m["native"] == 32
+    assert m["few_step_samplers"] == ["LCM", "TCD"]
 
 
 def test_a_request_without_sampler_settings_takes_the_few_step_path(client):

@@ -90,7 +90,8 @@ def generate(req: GenerateRequest, server: Server = Depends(get_server), models:
 def list_models(models: Models = Depends(get_models)):
     """The model this server draws with: its native size and generation defaults ("defaults": what a
     request without steps, guidance or scheduler gets; "full_defaults": the same with any sampler but
-    the few-step LCM one, for a model that carries a distilled UNet) and the samplers it can run."""
+    the few-step ones, for a model that carries a distilled UNet), the samplers it can run and which of
+    them are few-step ones (run on the distilled UNet)."""
     from ..config import DEFAULT_SCHEDULER
     from ..pipeline import DISTILLED_ONLY, SCHEDULERS
 
@@ -105,7 +106,8 @@ def list_models(models: Models = Depends(get_models)):
                 if (pipe.fast_unet if name in DISTILLED_ONLY else pipe.full_unet) is not None]
     full = pipe.full_defaults.get("scheduler", DEFAULT_SCHEDULER)
     return [{"name": pipe.name, "hash": pipe.hash, "generates": True, "native": pipe.native,
-             "multiple": pipe.multiple, "samplers": samplers, "defaults": fields(pipe.settings("")),
+             "multiple": pipe.multiple, "samplers": samplers,
+             "few_step_samplers": [n for n in samplers if n in DISTILLED_ONLY], "defaults": fields(pipe.settings("")),
              "full_defaults": fields(pipe.settings("", scheduler=full)) if pipe.full_unet is not None else None}]
 
 

@@ -221,7 +221,8 @@ class Pipeline:
                              f"`sfumato distill`); {self.name} is not one")
         if self.distilled and s.scheduler not in DISTILLED_ONLY:
             raise UsageError(f"{self.name} is a distilled few-step model: it samples with --scheduler "
-                             f"{' or '.join(DISTILLED_ONLY)} only (got {s.scheduler!r}); use its teacher model for other samplers")
+                             f"{' or '.join(DISTILLED_ONLY)} only (got {s.scheduler!r}); use its teacher model "
+                             f"for other samplers")
         s.width, s.height = s.width or self.native, s.height or self.native
         for side in (s.width, s.height):
             if not self.multiple <= side <= MAX_SIDE or side % self.multiple:

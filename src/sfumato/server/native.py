@@ -107,7 +107,8 @@ def list_models(models: Models = Depends(get_models)):
     full = pipe.full_defaults.get("scheduler", DEFAULT_SCHEDULER)
     return [{"name": pipe.name, "hash": pipe.hash, "generates": True, "native": pipe.native,
              "multiple": pipe.multiple, "samplers": samplers,
-             "few_step_samplers": [n for n in samplers if n in DISTILLED_ONLY], "defaults": fields(pipe.settings("")),
+             "few_step_samplers": [n for n in samplers if n in DISTILLED_ONLY],
+             "defaults": fields(pipe.settings("")),
              "full_defaults": fields(pipe.settings("", scheduler=full)) if pipe.full_unet is not None else None}]
 
 

@@ -49,6 +49,10 @@ ARMS: dict[str, list[str]] = {
     # grown from a UNet without it by unet.init (the new layers start as identities)
     "attn16": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
                "unet.text_time_embedding=True", "unet.attention_levels=(True,True,True)"],
+    # combined, with two transformer blocks per attention layer (8x8, 4x4 and the middle), so each
+    # object's region reads the prompt a second time; grown like attn16
+    "deepattn": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
+                 "unet.text_time_embedding=True", "unet.transformer_layers=2"],
 }
 
 
@@ -129,7 +133,7 @@ def _shape(arm: str, extra=None) -> tuple:
     """What sets an arm's training speed: the UNet's architecture and the batch size."""
     u = study_cfg(arm, extra).unet
     return (tuple(u.channels), u.layers_per_block, tuple(u.attention_levels), u.head_dim, u.text_time_embedding,
-            u.batch_size)
+            u.transformer_layers, u.batch_size)
 
 
 def run_arm(args) -> None:

@@ -205,6 +205,20 @@ def test_capture_on_unet_without_cross_attention_raises():
     assert proc_types(unet) == before
 
 
+def test_finest_store_keeps_only_the_finest_layers_in_any_order():
+    def layer(hw, value):  # (batch * heads, H*W, T): one head, two tokens
+        return torch.full((1, hw, 2), value)
+
+    store = AttentionStore(8, 8, finest=True)
+    for hw, v in ((4, 9.0), (16, 1.0), (4, 9.0), (16, 3.0), (1, 9.0)):  # coarse first, finer later
+        store.add(layer(hw, v), 1, 1)
+    assert store.calls == 2 and torch.allclose(store.maps(), torch.full((1, 2, 8, 8), 2.0))
+    every = AttentionStore(8, 8)
+    for hw, v in ((4, 9.0), (16, 1.0)):
+        every.add(layer(hw, v), 1, 1)
+    assert torch.allclose(every.maps(), torch.full((1, 2, 8, 8), 5.0))
+
+
 def test_empty_store_is_an_error():
     with pytest.raises(RuntimeError, match="no cross-attention"):
         AttentionStore(8, 8).maps()

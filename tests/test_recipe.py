@@ -125,6 +125,34 @@ def test_unet_init_grows_the_text_time_embedding_without_changing_the_output(tmp
         load_unet_weights(build_unet(get_preset("tiny"), 8, 32), tmp_path / "grown")
 
 
+def test_unet_init_grows_a_second_transformer_block_without_changing_the_output(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from sfumato.stages import load_unet_weights
+
+    torch.manual_seed(0)
+    plain = build_unet(get_preset("tiny"), 8, 32).eval()
+    plain.save_pretrained(tmp_path / "unet")
+    deep_cfg = apply_overrides(get_preset("tiny"), ["unet.transformer_layers=2"])
+    deep = build_unet(deep_cfg, 8, 32).eval()
+    load_unet_weights(deep, tmp_path / "unet")
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([100, 900]), torch.randn(2, 24, 32)
+    assert torch.allclose(plain(x, t, encoder_hidden_states=ctx).sample, deep(x, t, encoder_hidden_states=ctx).sample,
+                          atol=1e-6)
+    # the new block's residual outputs start at zero but receive gradients, so it can learn
+    deep.train()
+    deep(x, t, encoder_hidden_states=ctx).sample.pow(2).mean().backward()
+    out = deep.down_blocks[1].attentions[0].transformer_blocks[1].attn2.to_out[0]
+    assert not out.weight.abs().any() and out.weight.grad.abs().sum() > 0
+    # a plain diffusers UNet loads the grown folder as it is
+    deep.save_pretrained(tmp_path / "deep")
+    again = UNet2DConditionModel.from_pretrained(tmp_path / "deep")
+    assert again.config.transformer_layers_per_block == 2
+    # and a UNet with one block per layer cannot start from it
+    with pytest.raises(UsageError, match="another architecture"):
+        load_unet_weights(build_unet(get_preset("tiny"), 8, 32), tmp_path / "deep")
+
+
 def test_unet_loss_draws_pairs_by_their_weights(monkeypatch):
     import numpy as np
 

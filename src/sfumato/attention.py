@@ -4,6 +4,10 @@
         ... run the UNet (any number of steps, CFG batches allowed) ...
     maps = store.maps()        # (B, T, H, W): attention to each token, summed over heads, layers, steps
 
+`finest=True` keeps only the layers at the finest resolution that has cross-attention: in the
+small ShapesWorld UNet the coarser (4x4) layers spread over the whole image, and summing them in
+halved the pointing game on held-out scenes (benchmarks/bench_explain.py).
+
 diffusers' own processors compute attention with a fused kernel that never exposes the
 probabilities, so the cross-attention layers (`attn2`) get a processor written here after
 diffusers' `AttnProcessor` that also keeps them; self-attention keeps its fast processor.
@@ -22,14 +26,20 @@ import torch.nn.functional as F
 class AttentionStore:
     """Running sum of upsampled cross-attention probabilities of the conditional batch."""
 
-    def __init__(self, height: int, width: int, cfg: bool = False):
-        self.height, self.width, self.cfg = height, width, cfg
+    def __init__(self, height: int, width: int, cfg: bool = False, finest: bool = False):
+        self.height, self.width, self.cfg, self.finest = height, width, cfg, finest
         self.total: torch.Tensor | None = None
         self.calls = 0
+        self.grid = 0  # with `finest`: the positions (H*W) of the finest layer seen so far
 
     def add(self, probs: torch.Tensor, batch: int, heads: int) -> None:
         """probs: (batch * heads, H*W, T) from one cross-attention layer at one step."""
         hw, t = probs.shape[1], probs.shape[2]
+        if self.finest:
+            if hw < self.grid:
+                return
+            if hw > self.grid:  # a finer layer than any before: what was summed so far is coarser
+                self.total, self.calls, self.grid = None, 0, hw
         p = probs.reshape(batch, heads, hw, t).sum(1)  # heads summed
         if self.cfg:
             p = p[batch // 2:]  # [uncond, cond] under classifier-free guidance
@@ -89,9 +99,10 @@ class _StoringProcessor:
 
 
 @contextlib.contextmanager
-def capture_cross_attention(unet, height: int, width: int, cfg: bool = False):
-    """Record cross-attention while the block runs; `cfg`: batches are [uncond, cond], keep cond."""
-    store = AttentionStore(height, width, cfg)
+def capture_cross_attention(unet, height: int, width: int, cfg: bool = False, finest: bool = False):
+    """Record cross-attention while the block runs; `cfg`: batches are [uncond, cond], keep cond;
+    `finest`: only the layers at the finest resolution."""
+    store = AttentionStore(height, width, cfg, finest)
     before = unet.attn_processors
     if not any(name.endswith("attn2.processor") for name in before):
         raise ValueError("this UNet has no cross-attention layers to read maps from")

@@ -92,6 +92,7 @@ def build_unet(cfg: TrainCfg, latent_res: int, cross_attention_dim: int):
         sample_size=latent_res, in_channels=cfg.vae.latent_channels, out_channels=cfg.vae.latent_channels,
         down_block_types=down, up_block_types=up, block_out_channels=tuple(u.channels),
         layers_per_block=u.layers_per_block, cross_attention_dim=cross_attention_dim,
+        transformer_layers_per_block=u.transformer_layers,
         # diffusers reads `attention_head_dim` as the number of heads per block.
         attention_head_dim=tuple(max(1, ch // u.head_dim) for ch in u.channels),
         norm_num_groups=_groups(u.channels),

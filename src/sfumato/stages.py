@@ -113,17 +113,22 @@ def run_vae(run) -> dict:
     return metrics
 
 
-# Parts a run may add to a saved UNet it starts from: the prompt in the time embedding, and
-# attention layers at a level that had none (down_blocks.i.attentions / up_blocks.i.attentions).
-GROWABLE = re.compile(r"add_embedding\.|(down|up)_blocks\.\d+\.attentions\.")
+# Parts a run may add to a saved UNet it starts from: the prompt in the time embedding, attention
+# layers at a level that had none (down_blocks.i.attentions / up_blocks.i.attentions), and more
+# transformer blocks in an attention layer (….transformer_blocks.k, k ≥ 1).
+GROWABLE = re.compile(r"add_embedding\.|(down|up)_blocks\.\d+\.attentions\.|"
+                      r"mid_block\.attentions\.\d+\.transformer_blocks\.[1-9]")
+# The output layers of a transformer block, each at the end of a residual branch.
+BLOCK_OUTPUTS = ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")
 
 
 def load_unet_weights(unet, folder) -> None:
     """Start from the weights of a saved UNet of the same architecture (unet.init).
 
-    A saved UNet may also seed a grown one: with the prompt-in-time-embedding path, or with
-    attention at a level that had none. Each new part starts with a zero output (the embedding's
-    last LayerNorm, the attention's output projection; both sit on a residual path), so the grown
+    A saved UNet may also seed a grown one: with the prompt-in-time-embedding path, attention at a
+    level that had none, or more transformer blocks per attention layer. Each new part starts with a
+    zero output (the embedding's last LayerNorm, the attention's output projection, a new block's
+    attention and feed-forward outputs; all sit on a residual path), so the grown
     UNet computes exactly what the saved one did and training takes it from there.
     """
     from pathlib import Path
@@ -141,11 +146,15 @@ def load_unet_weights(unet, folder) -> None:
         raise UsageError(f"unet.init: {folder} has another architecture than unet.* of this run "
                          f"(first difference: {(wrong or sorted(set(weights) - set(own)))[0]})")
     unet.load_state_dict(weights, strict=not new)
-    grown = {k.split(".proj_out.")[0] for k in new if ".proj_out." in k}
+    grown = {k.split(".proj_out.")[0] + ".proj_out" for k in new if ".proj_out." in k}
+    # A new block in an attention layer that was there: zero outputs on each of its residual branches.
+    grown |= {re.sub(r"(transformer_blocks\.\d+)\..*", r"\1.", k) + out for k in new
+              if ".transformer_blocks." in k and k.split(".transformer_blocks.")[0] + ".proj_out.weight" not in new
+              for out in BLOCK_OUTPUTS}
     for name, module in unet.named_modules():
         if name in grown:
-            torch.nn.init.zeros_(module.proj_out.weight)
-            torch.nn.init.zeros_(module.proj_out.bias)
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
     if any(k.startswith("add_embedding.") for k in new):
         torch.nn.init.zeros_(unet.add_embedding.norm2.weight)
         torch.nn.init.zeros_(unet.add_embedding.norm2.bias)

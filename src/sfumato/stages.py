@@ -146,15 +146,17 @@ def load_unet_weights(unet, folder) -> None:
         raise UsageError(f"unet.init: {folder} has another architecture than unet.* of this run "
                          f"(first difference: {(wrong or sorted(set(weights) - set(own)))[0]})")
     unet.load_state_dict(weights, strict=not new)
-    grown = {k.split(".proj_out.")[0] + ".proj_out" for k in new if ".proj_out." in k}
-    # A new block in an attention layer that was there: zero outputs on each of its residual branches.
-    grown |= {re.sub(r"(transformer_blocks\.\d+)\..*", r"\1.", k) + out for k in new
-              if ".transformer_blocks." in k and k.split(".transformer_blocks.")[0] + ".proj_out.weight" not in new
-              for out in BLOCK_OUTPUTS}
-    for name, module in unet.named_modules():
-        if name in grown:
-            torch.nn.init.zeros_(module.weight)
-            torch.nn.init.zeros_(module.bias)
+    grown = set()  # names of the output layers to zero
+    for k in new:
+        layer, _, rest = k.partition(".transformer_blocks.")
+        if ".proj_out." in k:  # a whole new attention layer: its output projection
+            grown.add(k.split(".proj_out.")[0] + ".proj_out")
+        elif rest and f"{layer}.proj_out.weight" in weights:  # a new block in a layer that was there
+            grown |= {f"{layer}.transformer_blocks.{rest.split('.')[0]}.{out}" for out in BLOCK_OUTPUTS}
+    for name in grown:
+        module = unet.get_submodule(name)
+        torch.nn.init.zeros_(module.weight)
+        torch.nn.init.zeros_(module.bias)
     if any(k.startswith("add_embedding.") for k in new):
         torch.nn.init.zeros_(unet.add_embedding.norm2.weight)
         torch.nn.init.zeros_(unet.add_embedding.norm2.bias)

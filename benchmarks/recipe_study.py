@@ -29,7 +29,7 @@ import torch
 # What the arms change: the small preset's UNet recipe as the study began (the preset has since taken
 # the winning levers, so they are pinned here to keep every round's arms as they were run).
 STUDY_BASE = ["unet.snr_gamma=5", "unet.timestep_sampling=uniform", "unet.text_time_embedding=False",
-              "unet.lr=0.0005", "unet.warmup=200"]
+              "unet.lr=0.0005", "unet.warmup=200", "unet.text_encoder_lr=0"]
 
 ARMS: dict[str, list[str]] = {
     "baseline": [],  # the recipe the study began with: v-prediction, min-SNR-5, uniform t, lr 5e-4, batch 64
@@ -53,6 +53,10 @@ ARMS: dict[str, list[str]] = {
     # object's region reads the prompt a second time; grown like attn16
     "deepattn": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
                  "unet.text_time_embedding=True", "unet.transformer_layers=2"],
+    # combined, with the text tower trained along at the UNet's learning rate: the causal tower's later
+    # tokens carry the first-named object too, and the UNet reads the first object twice as much
+    "texttrain": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
+                  "unet.text_time_embedding=True", "unet.text_encoder_lr=0.001"],
 }
 
 
@@ -83,7 +87,7 @@ def prepare(args) -> None:
 
     from sfumato.config import get_preset
     from sfumato.data import load_pairs_data
-    from sfumato.diffusion import cache_latents, cache_text
+    from sfumato.diffusion import cache_latents, cache_text, caption_ids
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,8 +97,10 @@ def prepare(args) -> None:
     tok, te, vae = load_base(Path(args.base))
     mean, std = cache_latents(vae, data.images)
     states, rows, empty = cache_text(tok, te, data.captions)
+    ids, _, empty_ids = caption_ids(tok, data.captions)  # for arms that train the text tower
     save_file({k: v.contiguous() for k, v in {"mean": mean, "std": std, "states": states, "rows": rows, "empty": empty,
-               "holdout": torch.as_tensor(data.holdout)}.items()}, str(out / "cache.safetensors"))
+               "ids": ids, "empty_ids": empty_ids, "holdout": torch.as_tensor(data.holdout)}.items()},
+              str(out / "cache.safetensors"))
     (out / "cache.json").write_text(json.dumps({"base": str(Path(args.base).resolve()), "pairs": args.pairs,
                                                 "scaling": vae.config.scaling_factor}))
     log(f"cached {len(data.captions)} pairs, {len(states)} distinct captions")
@@ -110,22 +116,31 @@ def probe(args) -> None:
     torch.set_num_threads(args.threads)
     quiet_libraries()
     path = Path(args.out) / f"probe-{args.arms.replace(',', '+')}.json"  # one file per probe process
-    known = {}
-    for arm in args.arms.split(","):
+    runs: dict[str, list[float]] = {}
+    _, te, _ = load_base(Path(args.base))
+    for arm in args.arms.split(","):  # interleave repeats (a,b,a,b) so drifts in machine load hit both
         cfg = study_cfg(arm)
         unet = build_unet(cfg, 16, 128).to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(unet.parameters(), 1e-4)
+        trains_text = cfg.unet.text_encoder_lr > 0
+        opt = torch.optim.AdamW(list(unet.parameters()) + (list(te.parameters()) if trains_text else []), 1e-4)
+        te.requires_grad_(trains_text)
         b = cfg.unet.batch_size
         x = torch.randn(b, 4, 16, 16).to(memory_format=torch.channels_last)
-        t, ctx = torch.randint(0, 1000, (b,)), torch.randn(b, 32, 128)
+        t, ids = torch.randint(0, 1000, (b,)), torch.randint(0, te.config.vocab_size, (b, 32))
+        with torch.no_grad():
+            fixed = te(ids)[0]
         for i in range(25):
             if i == 5:
                 t0 = time.perf_counter()
+            ctx = te(ids)[0] if trains_text else fixed
             unet(x, t, encoder_hidden_states=ctx).sample.pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
-        known[f"{arm}/{args.threads}"] = round(20 * b / (time.perf_counter() - t0), 1)
-        log(f"{arm}: {known[f'{arm}/{args.threads}']} samples/s with {args.threads} thread(s)")
+        rate = 20 * b / (time.perf_counter() - t0)
+        runs.setdefault(f"{arm}/{args.threads}", []).append(rate)
+        log(f"{arm}: {rate:.1f} samples/s with {args.threads} thread(s)")
+    # an arm named more than once gets the mean of its probes (single probes spread by +-15 %)
+    known = {k: round(sum(v) / len(v), 1) for k, v in runs.items()}
     path.write_text(json.dumps(known, indent=1))
 
 
@@ -133,7 +148,7 @@ def _shape(arm: str, extra=None) -> tuple:
     """What sets an arm's training speed: the UNet's architecture and the batch size."""
     u = study_cfg(arm, extra).unet
     return (tuple(u.channels), u.layers_per_block, tuple(u.attention_levels), u.head_dim, u.text_time_embedding,
-            u.transformer_layers, u.batch_size)
+            u.transformer_layers, u.batch_size, u.text_encoder_lr > 0)
 
 
 def run_arm(args) -> None:
@@ -141,7 +156,7 @@ def run_arm(args) -> None:
     from safetensors.torch import load_file
 
     from sfumato.config import to_dict
-    from sfumato.diffusion import LatentBatches, band_metrics, ema_copy, make_ema, unet_loss
+    from sfumato.diffusion import LatentBatches, PromptUNet, band_metrics, ema_copy, make_ema, unet_loss
     from sfumato.engine import get_lr
     from sfumato.evaluate import counterfactual_sensitivity, evaluate_compositional
     from sfumato.models import build_sample_scheduler, build_train_scheduler, build_unet, quiet_libraries
@@ -169,8 +184,11 @@ def run_arm(args) -> None:
         load_unet_weights(unet, cfg.unet.init)
     holdout = c["holdout"].numpy()
     train_idx, val_idx = np.flatnonzero(~holdout), np.flatnonzero(holdout)
-    batches = LatentBatches(cfg, scheduler, (c["mean"], c["std"]), (c["states"], c["rows"], c["empty"]),
-                            meta["scaling"])
+    trains_text = cfg.unet.text_encoder_lr > 0
+    # what trains: the UNet, or the UNet with the text tower in front, reading token ids (one EMA over both)
+    trained = PromptUNet(unet, te.requires_grad_(True).train()) if trains_text else unet
+    text = (c["ids"], c["rows"], c["empty_ids"]) if trains_text else (c["states"], c["rows"], c["empty"])
+    batches = LatentBatches(cfg, scheduler, (c["mean"], c["std"]), text, meta["scaling"])
     weights = None
     if cfg.data.shapes_mix:
         # The cache holds the standard mix, where pair i is of category CATEGORIES[i % 9]; drawing
@@ -179,11 +197,14 @@ def run_arm(args) -> None:
 
         share = [mix_categories(cfg.data.shapes_mix).count(cat) for cat in CATEGORIES]
         weights = torch.tensor([float(share[i % len(CATEGORIES)]) for i in train_idx])
-    ema = make_ema(unet, cfg.unet)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet.lr, betas=(0.9, 0.99), weight_decay=0.0)  # as the engine
+    ema = make_ema(trained, cfg.unet)
+    groups = [{"params": list(unet.parameters()), "scale": 1.0}]
+    if trains_text:
+        groups.append({"params": list(te.parameters()), "scale": cfg.unet.text_encoder_lr / cfg.unet.lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.unet.lr, betas=(0.9, 0.99), weight_decay=0.0)  # as the engine
     budget = args.minutes * 60
     metrics = open(work / "logs" / "metrics.jsonl", "w")
-    params = sum(p.numel() for p in unet.parameters())
+    params = sum(p.numel() for p in trained.parameters())
     log(f"{name}: {params / 1e6:.2f} M parameters, {args.minutes} min, {args.threads} thread(s), overrides {ARMS[args.arm] + list(args.set or [])}")
 
     # Arms with the same UNet and batch share one figure: the mean of their probes.
@@ -198,19 +219,22 @@ def run_arm(args) -> None:
     unet.train()
     while step < total:
         for gr in opt.param_groups:
-            gr["lr"] = get_lr(step, total, cfg.unet.lr, cfg.unet.warmup)
+            gr["lr"] = get_lr(step, total, cfg.unet.lr, cfg.unet.warmup) * gr["scale"]
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        loss, logs = unet_loss(unet, batches, train_idx, g, "cpu", weights)
+        loss, logs = unet_loss(trained, batches, train_idx, g, "cpu", weights)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema.step(unet.parameters())
+        ema.step(trained.parameters())
         step += 1
         if args.snapshots and step < total and step % max(1, total // args.snapshots) == 0:
             minutes = round(args.minutes * step / total, 1)
-            snap = ema_copy(unet, ema).to(memory_format=torch.contiguous_format)
-            snap.save_pretrained(work / f"snapshots/{minutes:06.1f}min-ema")
+            snap = ema_copy(trained, ema)
+            (snap.unet if trains_text else snap).to(memory_format=torch.contiguous_format).save_pretrained(
+                work / f"snapshots/{minutes:06.1f}min-ema")
+            if trains_text:
+                snap.text_encoder.save_pretrained(work / f"snapshots/{minutes:06.1f}min-text_encoder")
             del snap
         if step % 50 == 0:
             metrics.write(json.dumps({"step": step, "seconds": round(time.perf_counter() - t0, 1),
@@ -223,16 +247,17 @@ def run_arm(args) -> None:
     result = {"arm": args.arm, "seed": args.seed, "tag": args.tag, "overrides": ARMS[args.arm] + list(args.set or []),
               "minutes": args.minutes, "threads": args.threads, "steps": step, "samples_per_s": probed,
               "samples_per_s_this_run": round(samples_s, 1), "train_seconds": round(train_s),
-              "params_m": round(params / 1e6, 2), "config": to_dict(cfg)}
-    weights = {"ema": ema_copy(unet, ema), "raw": unet}
+              "params_m": round(params / 1e6, 2), "text_encoder_trained": trains_text, "config": to_dict(cfg)}
+    weights = {"ema": ema_copy(trained, ema), "raw": trained}
     sampler = build_sample_scheduler(scheduler)
-    for kind, model in weights.items():
-        model.eval()
+    for kind, both in weights.items():
+        both.eval()
+        model, tower = (both.unet, both.text_encoder) if trains_text else (both, te)
         model.to(memory_format=torch.contiguous_format)
-        save_model(base, model, sampler, work / f"model-{kind}")
+        save_model(base, model, sampler, work / f"model-{kind}", tower if trains_text else None)
         with torch.no_grad():
-            result[kind] = {**counterfactual_sensitivity(model, scheduler, vae, tok, te),
-                            **band_metrics(model, SimpleNamespace(val_idx=val_idx), batches, "cpu")}
+            result[kind] = {**counterfactual_sensitivity(model, scheduler, vae, tok, tower),
+                            **band_metrics(both, SimpleNamespace(val_idx=val_idx), batches, "cpu")}
         log(f"{name} {kind}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[kind].items()))
     for kind in (["ema", "raw"] if args.eval_raw else ["ema"]):
         pipe = load(work / f"model-{kind}")
@@ -256,11 +281,15 @@ def base_copy(base: Path, folder: Path) -> Path:
     return folder
 
 
-def save_model(base: Path, unet, sampler, folder: Path) -> Path:
-    """A complete diffusers folder: the base model's tokenizer, text tower and VAE with this UNet."""
+def save_model(base: Path, unet, sampler, folder: Path, text_encoder=None) -> Path:
+    """A complete diffusers folder: the base model's tokenizer, text tower and VAE with this UNet (and
+    this text tower, when the arm trained one)."""
     base_copy(base, folder)
     unet.save_pretrained(folder / "unet")
     sampler.save_pretrained(folder / "scheduler")
+    if text_encoder is not None:
+        shutil.rmtree(folder / "text_encoder")
+        text_encoder.save_pretrained(folder / "text_encoder")
     return folder
 
 
@@ -280,7 +309,11 @@ def eval_snapshots(args) -> None:
         if res_path.exists() or (args.only and snap.name not in args.only.split(",")):
             continue
         folder = base_copy(base, work / "snapshot-model")
-        shutil.copytree(snap, folder / "unet", ignore=shutil.ignore_patterns("result.json"))
+        shutil.copytree(snap, folder / "unet", ignore=shutil.ignore_patterns("result.json", "eval"))
+        tower = snap.parent / snap.name.replace("-ema", "-text_encoder")
+        if tower.exists():
+            shutil.rmtree(folder / "text_encoder")
+            shutil.copytree(tower, folder / "text_encoder")
         shutil.copytree(sched_dir, folder / "scheduler")
         res = evaluate_compositional(load(folder), snap / "eval", per_category=args.per_category, progress=False)
         res_path.write_text(json.dumps({"minutes": float(snap.name.split("min")[0]), **res}, indent=1))
@@ -338,6 +371,9 @@ def ship(args) -> None:
     shutil.rmtree(target / "unet")
     tmp.rename(target / "unet")
     shutil.copytree(run / "model-ema" / "scheduler", target / "scheduler", dirs_exist_ok=True)
+    if result.get("text_encoder_trained"):  # the tower learnt with this UNet: they ship together
+        shutil.rmtree(target / "text_encoder")
+        shutil.copytree(run / "model-ema" / "text_encoder", target / "text_encoder")
     history = card.setdefault("unet_history", [{"config": card["config"]["unet"], "seconds": card["seconds"]["unet"]}])
     history.append({"config": result["config"]["unet"], "seconds": result["train_seconds"], "steps": result["steps"],
                     "threads": result["threads"], "run": args.run})

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sfumato.cli import main
@@ -247,6 +248,39 @@ def test_accelerate_two_processes(tmp_path):
         steps = [x["step"] for x in _loss_rows(rows, stage)]
         assert steps == [5, 6], (stage, steps)
     assert _load_pipeline(out) is not None
+
+
+def test_text_encoder_trains_with_the_unet_when_given_a_learning_rate(tmp_path):
+    """unet.text_encoder_lr > 0: the UNet's text tower learns along (clip/ keeps its own) and the
+    folder still loads in plain diffusers; the engine gives the tower its own learning rate."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    out = tmp_path / "model"
+    code = main(["train", "--data", "shapesworld", "--out", str(out), "--preset", "tiny", "--set", "data.shapes_n=120",
+                 "--set", "clip.steps=6", "--set", "vae.steps=6", "--set", "unet.steps=8", "--set", "eval_every=8",
+                 "--set", "unet.text_encoder_lr=0.01"])
+    assert code == 0
+    trained = load_file(str(out / "text_encoder" / "model.safetensors"))
+    clip = load_file(str(out / "clip" / "model.safetensors"))
+    name = "encoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(trained[name], clip[f"text_model.{name}"])  # the tower moved away from CLIP's
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    img = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert img.shape == (1, 32, 32, 3)
+
+
+def test_engine_scales_the_learning_rate_by_parameter_name(tmp_path):
+    from sfumato.engine import Engine, StageSpec
+
+    model = torch.nn.ModuleDict({"unet": torch.nn.Linear(4, 4), "text_encoder": torch.nn.Linear(4, 4)})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = StageSpec("s", model, lambda m, g: ((m["unet"](m["text_encoder"](torch.ones(2, 4)))).pow(2).mean(), {}),
+                     steps=3, lr=0.1, warmup=0, batch_size=2, lr_scales={"text_encoder.": 0.0})
+    Engine(tmp_path, seed=0, progress=False).run(spec)
+    after = model.state_dict()
+    assert not torch.equal(after["unet.weight"], before["unet.weight"])
+    assert torch.equal(after["text_encoder.weight"], before["text_encoder.weight"])  # scale 0: frozen
 
 
 # ---------------------------------------------------------------- bad input

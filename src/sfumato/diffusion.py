@@ -64,8 +64,34 @@ def posterior_sample(latents, idx, g: torch.Generator, scaling: float) -> torch.
     return (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g)) * scaling
 
 
+@torch.no_grad()
+def caption_ids(tokenizer, captions: list[str]):
+    """Token ids of each distinct caption (U, L) in cache_text's order, the row of each caption, and
+    the empty prompt's ids: what LatentBatches reads when the text tower trains with the UNet."""
+    unique = list(dict.fromkeys(captions))
+    row = {c: i for i, c in enumerate(unique)}
+    ids = tokenizer(unique + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids[:-1], torch.tensor([row[c] for c in captions]), ids[-1:]
+
+
+class PromptUNet(torch.nn.Module):
+    """The UNet with the text tower in front, reading token ids instead of states: both then train
+    through one forward (and one distributed wrapper), and the training loss code stays the UNet's."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states=self.text_encoder(encoder_hidden_states)[0])
+
+
 class LatentBatches:
-    """Draws training batches (noisy latents, timesteps, text states, targets) from the caches."""
+    """Draws training batches (noisy latents, timesteps, text states, targets) from the caches.
+
+    `text` is (states, rows, empty) from cache_text; or (ids, rows, empty_ids) from caption_ids when
+    the text tower trains along: batches then carry token ids, for a PromptUNet."""
 
     def __init__(self, cfg, scheduler, latents, text, scaling: float):
         self.u, self.scheduler, self.scaling = cfg.unet, scheduler, scaling
@@ -91,11 +117,13 @@ class LatentBatches:
             t = self.timesteps(n, g)
         noisy = self.scheduler.add_noise(z, noise, t)
         target = noise if self.u.prediction_type == "epsilon" else self.scheduler.get_velocity(z, noise, t)
-        ctx = self.states[self.rows[idx]].float()
+        ctx = self.states[self.rows[idx]]
         p = self.u.caption_dropout if dropout is None else dropout
         if p > 0:
             drop = torch.rand(n, generator=g) < p
-            ctx[drop] = self.empty.float()
+            ctx[drop] = self.empty
+        if ctx.is_floating_point():  # cached states (float16); token ids stay integers
+            ctx = ctx.float()
         return noisy.to(device), t.to(device), ctx.to(device), target.to(device)
 
 
@@ -121,7 +149,8 @@ def unet_loss(model, batches: LatentBatches, train_idx: np.ndarray, g: torch.Gen
 
 
 def unet_stage(cfg, data: PairData, unet, scheduler, batches: LatentBatches, engine, sample_fn) -> StageSpec:
-    """sample_fn(step) writes a grid of the fixed prompts and returns its metrics (main process)."""
+    """sample_fn(step) writes a grid of the fixed prompts and returns its metrics (main process).
+    `unet` is the UNet, or a PromptUNet when the text tower trains along."""
     u = cfg.unet
     train_idx = data.train_idx
 
@@ -132,7 +161,7 @@ def unet_stage(cfg, data: PairData, unet, scheduler, batches: LatentBatches, eng
         return {**band_metrics(unet, data, batches, engine.device), **sample_fn(step)}
 
     return StageSpec("unet", unet, loss_fn, u.steps, u.lr, u.warmup, u.batch_size, eval_fn=eval_fn,
-                     ema=make_ema(unet, u))
+                     ema=make_ema(unet, u), lr_scales={"text_encoder.": u.text_encoder_lr / u.lr})
 
 
 def make_ema(unet, u):
@@ -194,5 +223,5 @@ def ema_copy(unet, ema):
     return m
 
 
-__all__ = ["cache_latents", "cache_text", "LatentBatches", "unet_loss", "unet_stage", "ema_copy", "band_metrics", "predicted_x0",
+__all__ = ["cache_latents", "cache_text", "caption_ids", "PromptUNet", "LatentBatches", "unet_loss", "unet_stage", "ema_copy", "band_metrics", "predicted_x0",
            "predicted_eps", "posterior_sample"]

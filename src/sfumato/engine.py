@@ -13,7 +13,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -125,6 +125,8 @@ class StageSpec:
     eval_fn: Callable[[int], dict] | None = None  # main process; step -> metrics
     ema: object | None = None  # diffusers.training_utils.EMAModel
     max_grad_norm: float = 1.0
+    # learning-rate multipliers by parameter-name prefix, e.g. {"text_encoder.": 0.3}; others get 1
+    lr_scales: dict[str, float] = field(default_factory=dict)
 
 
 class Engine:
@@ -158,12 +160,13 @@ class Engine:
     def run(self, s: StageSpec) -> dict:
         """Train one stage to s.steps, resuming from its last checkpoint; returns the last metrics."""
         a = self.accelerator
-        decay, no_decay = [], []
-        for p in s.model.parameters():
+        groups: dict[tuple[bool, float], list] = {}
+        for name, p in s.model.named_parameters():
             if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.99))
+                scale = next((v for k, v in s.lr_scales.items() if name.startswith(k)), 1.0)
+                groups.setdefault((p.ndim >= 2, scale), []).append(p)
+        opt = torch.optim.AdamW([{"params": ps, "weight_decay": s.weight_decay if decay else 0.0, "scale": scale}
+                                 for (decay, scale), ps in groups.items()], lr=s.lr, betas=(0.9, 0.99))
         ckpt_root = self.workdir / "checkpoints" / s.name
         state = load_checkpoint(ckpt_root, s.model, opt, s.ema)
         start = state["step"] if state else 0
@@ -177,7 +180,7 @@ class Engine:
         try:
             for step in range(start, s.steps):
                 for g in opt.param_groups:
-                    g["lr"] = get_lr(step, s.steps, s.lr, s.warmup)
+                    g["lr"] = get_lr(step, s.steps, s.lr, s.warmup) * g.get("scale", 1.0)
                 with a.autocast():
                     loss, logs = s.loss_fn(model, self.batch_rng(s.name, step))
                 a.backward(loss)

@@ -184,7 +184,7 @@ def run_unet(run) -> dict:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
-    from .diffusion import LatentBatches, cache_latents, cache_text, ema_copy, unet_stage
+    from .diffusion import LatentBatches, PromptUNet, cache_latents, cache_text, caption_ids, ema_copy, unet_stage
     from .pipeline import Pipeline
     from .vae import checker_pass_rate
     from .viz import make_grid
@@ -192,10 +192,12 @@ def run_unet(run) -> dict:
     cfg, data, engine = run.cfg, run.data, run.engine
     dev = engine.device
     tok = load_tokenizer(run.work / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(run.work / "text_encoder").to(dev).eval().requires_grad_(False)
+    trains_text = cfg.unet.text_encoder_lr > 0
+    text_encoder = CLIPTextModel.from_pretrained(run.work / "text_encoder").to(dev).eval().requires_grad_(trains_text)
     vae = AutoencoderKL.from_pretrained(run.work / "vae").to(dev).eval().requires_grad_(False)
     latents = cache_latents(vae, data.images, progress=engine.progress)
-    text = cache_text(tok, text_encoder, data.captions)
+    # A frozen tower's states are cached once; a tower that trains along reads token ids every batch.
+    text = caption_ids(tok, data.captions) if trains_text else cache_text(tok, text_encoder, data.captions)
     scheduler = build_train_scheduler(cfg)
     sampler = build_sample_scheduler(scheduler)
     sampler_config = {k: v for k, v in sampler.config.items() if not k.startswith("_")}
@@ -205,14 +207,18 @@ def run_unet(run) -> dict:
     if cfg.unet.init:
         load_unet_weights(unet, cfg.unet.init)
     batches = LatentBatches(cfg, scheduler, latents, text, vae.config.scaling_factor)
+    model = PromptUNet(unet, text_encoder) if trains_text else unet
     prompts = grid_prompts(cfg, data)
 
+    def parts(m):
+        return (m.unet, m.text_encoder) if trains_text else (m, text_encoder)
+
     def sample_fn(step):
-        weights = {"ema": ema_copy(unet, spec.ema), "raw": unet}
+        weights = {"ema": ema_copy(model, spec.ema), "raw": model}
         out = {}
-        for name, model in weights.items():
-            model.eval()
-            pipe = Pipeline(None, tok, text_encoder, vae, model, sampler_config, dev)
+        for name, both in weights.items():
+            both.eval()
+            pipe = Pipeline(None, tok, parts(both)[1], vae, parts(both)[0], sampler_config, dev)
             pil = draw_samples(pipe, prompts * 2, seed=step)
             imgs = torch.from_numpy(np.stack([np.asarray(im) for im in pil])).permute(0, 3, 1, 2)
             rate = checker_pass_rate(imgs, prompts * 2) if data.source == "shapesworld" else None
@@ -220,13 +226,15 @@ def run_unet(run) -> dict:
                 out[f"samples_checker_pass_{name}"] = rate
             make_grid(pil, prompts * 2, cols=len(prompts)).save(
                 run.work / "logs" / f"samples-{step:06d}-{name}.png")
-        unet.train()
+        model.train()
         return out
 
-    spec = unet_stage(cfg, data, unet, scheduler, batches, engine, sample_fn)
+    spec = unet_stage(cfg, data, model, scheduler, batches, engine, sample_fn)
     metrics = engine.run(spec)
     if engine.is_main:
-        final = ema_copy(unet, spec.ema) if cfg.unet.ema_decay > 0 else unet
-        final.to(memory_format=torch.contiguous_format).save_pretrained(run.work / "unet")
+        final_unet, final_text = parts(ema_copy(model, spec.ema) if cfg.unet.ema_decay > 0 else model)
+        final_unet.to(memory_format=torch.contiguous_format).save_pretrained(run.work / "unet")
+        if trains_text:  # the tower learnt with this UNet; clip/ keeps its own
+            final_text.save_pretrained(run.work / "text_encoder")
         sampler.save_pretrained(run.work / "scheduler")
     return metrics

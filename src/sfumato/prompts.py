@@ -175,6 +175,9 @@ def empty_chunk(tokenizer) -> list[int]:
     return tokenize(tokenizer, "").ids[0]
 
 
+MEAN_FLOOR = 0.01  # see encode()
+
+
 @torch.no_grad()
 def encode(tokenizer, text_encoder, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
     """Text states (B, chunks * context, width) of prompts in A1111's syntax, all padded to the same
@@ -200,7 +203,11 @@ def encode(tokenizer, text_encoder, prompts: list[str]) -> tuple[torch.Tensor, l
         before = zw.mean(dim=(1, 2), keepdim=True)
         zw = zw * w[weighted][..., None]
         after = zw.mean(dim=(1, 2), keepdim=True)
-        ratio = torch.where(after == 0, torch.ones_like(after), before / after)
+        # A mean under 1 % of the states' typical size (a tower whose states centre on zero) is not
+        # worth restoring, and dividing by it would blow the states up: such chunks keep the weights alone.
+        floor = MEAN_FLOOR * zw.abs().mean(dim=(1, 2), keepdim=True)
+        tiny = (before.abs() < floor) | (after.abs() < floor)
+        ratio = torch.where(tiny, torch.ones_like(after), before / after)
         z = z.clone()
         z[weighted] = zw * ratio
     context = z.shape[1]

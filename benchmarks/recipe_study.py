@@ -361,19 +361,19 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 def ship(args) -> None:
     """Put a run's EMA UNet (and sampler) into a model folder, e.g. the shipped default model, and
     record its recipe, measurements and training time in that folder's sfumato.json."""
+    from sfumato.files import publish_dir
+
     run = Path(args.out) / args.run
     result = json.loads((run / "result.json").read_text())
     target = Path(args.into)
     card = json.loads((target / "sfumato.json").read_text())
-    tmp = target / ".unet.new"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(run / "model-ema" / "unet", tmp)
-    shutil.rmtree(target / "unet")
-    tmp.rename(target / "unet")
+    parts = ["unet"] + (["text_encoder"] if result.get("text_encoder_trained") else [])  # a trained tower ships too
+    for part in parts:
+        tmp = target / f".{part}.new"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(run / "model-ema" / part, tmp)
+        publish_dir(tmp, target / part)
     shutil.copytree(run / "model-ema" / "scheduler", target / "scheduler", dirs_exist_ok=True)
-    if result.get("text_encoder_trained"):  # the tower learnt with this UNet: they ship together
-        shutil.rmtree(target / "text_encoder")
-        shutil.copytree(run / "model-ema" / "text_encoder", target / "text_encoder")
     history = card.setdefault("unet_history", [{"config": card["config"]["unet"], "seconds": card["seconds"]["unet"]}])
     history.append({"config": result["config"]["unet"], "seconds": result["train_seconds"], "steps": result["steps"],
                     "threads": result["threads"], "run": args.run})

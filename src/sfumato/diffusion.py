@@ -16,7 +16,7 @@ from rich.progress import track
 
 from .data import PairData, to_model_range
 from .engine import StageSpec
-from .sampling import encode_prompts
+from .sampling import prompt_ids
 
 # Noise bands whose loss is logged separately: layout is decided at high noise, detail at low.
 BANDS = {"low": (0.0, 0.3), "mid": (0.3, 0.7), "high": (0.7, 1.0)}
@@ -35,15 +35,24 @@ def cache_latents(vae, images_u8: torch.Tensor, batch_size: int = 128, progress:
     return torch.cat(means), torch.cat(stds)
 
 
+def caption_ids(tokenizer, captions: list[str]):
+    """Token ids of each distinct caption (U, L), the row of each caption, and the empty prompt's ids
+    (1, L): what cache_text encodes, and what LatentBatches reads when the text tower trains with
+    the UNet."""
+    unique = list(dict.fromkeys(captions))
+    row = {c: i for i, c in enumerate(unique)}
+    ids = prompt_ids(tokenizer, unique + [""])
+    return ids[:-1], torch.tensor([row[c] for c in captions]), ids[-1:]
+
+
 @torch.no_grad()
 def cache_text(tokenizer, text_encoder, captions: list[str], batch_size: int = 256):
     """Text states of each distinct caption (U, L, D) float16, and the row of each caption."""
-    unique = list(dict.fromkeys(captions))
-    row = {c: i for i, c in enumerate(unique)}
-    states = [encode_prompts(tokenizer, text_encoder, unique[i:i + batch_size]).half().cpu()
-              for i in range(0, len(unique), batch_size)]
-    empty = encode_prompts(tokenizer, text_encoder, [""]).half().cpu()
-    return torch.cat(states), torch.tensor([row[c] for c in captions]), empty
+    ids, rows, empty_ids = caption_ids(tokenizer, captions)
+    states = [text_encoder(ids[i:i + batch_size].to(text_encoder.device))[0].half().cpu()
+              for i in range(0, len(ids), batch_size)]
+    empty = text_encoder(empty_ids.to(text_encoder.device))[0].half().cpu()
+    return torch.cat(states), rows, empty
 
 
 def snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -62,17 +71,6 @@ def posterior_sample(latents, idx, g: torch.Generator, scaling: float) -> torch.
     mean, std = latents
     idx = torch.as_tensor(idx)
     return (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g)) * scaling
-
-
-@torch.no_grad()
-def caption_ids(tokenizer, captions: list[str]):
-    """Token ids of each distinct caption (U, L) in cache_text's order, the row of each caption, and
-    the empty prompt's ids: what LatentBatches reads when the text tower trains with the UNet."""
-    unique = list(dict.fromkeys(captions))
-    row = {c: i for i, c in enumerate(unique)}
-    ids = tokenizer(unique + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return ids[:-1], torch.tensor([row[c] for c in captions]), ids[-1:]
 
 
 class PromptUNet(torch.nn.Module):

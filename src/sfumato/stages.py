@@ -218,7 +218,8 @@ def run_unet(run) -> dict:
         out = {}
         for name, both in weights.items():
             both.eval()
-            pipe = Pipeline(None, tok, parts(both)[1], vae, parts(both)[0], sampler_config, dev)
+            denoiser, tower = parts(both)
+            pipe = Pipeline(None, tok, tower, vae, denoiser, sampler_config, dev)
             pil = draw_samples(pipe, prompts * 2, seed=step)
             imgs = torch.from_numpy(np.stack([np.asarray(im) for im in pil])).permute(0, 3, 1, 2)
             rate = checker_pass_rate(imgs, prompts * 2) if data.source == "shapesworld" else None

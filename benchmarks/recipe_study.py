@@ -57,6 +57,9 @@ ARMS: dict[str, list[str]] = {
     # tokens carry the first-named object too, and the UNet reads the first object twice as much
     "texttrain": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
                   "unet.text_time_embedding=True", "unet.text_encoder_lr=0.001"],
+    # texttrain with three times the share of the two categories still under 0.3 (position, digits)
+    "texthard": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
+                 "unet.text_time_embedding=True", "unet.text_encoder_lr=0.001", "data.shapes_mix=position=3,text=3"],
 }
 
 

@@ -33,6 +33,15 @@ def test_logit_normal_with_positive_mean_spends_more_on_high_noise():
     assert 0 <= t.min() and t.max() <= 999
 
 
+def test_uniform_share_gives_low_noise_back_to_a_high_noise_sampler():
+    draw = lambda *o: _batches("unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5", *o).timesteps(
+        8000, torch.Generator().manual_seed(0)).float()
+    lean, mixed = draw(), draw("unet.uniform_share=0.5")
+    low = lambda t: (t < 200).float().mean()
+    assert low(lean) < 0.05 and 0.09 < low(mixed) < 0.15  # 3 % -> about 0.5 x 3 % + 0.5 x 20 %
+    assert (mixed >= 700).float().mean() > 0.3 and 0 <= mixed.min() and mixed.max() <= 999
+
+
 def test_unknown_timestep_sampling_is_refused():
     cfg = apply_overrides(get_preset("tiny"), ["unet.timestep_sampling=sometimes"])
     with pytest.raises(ValueError, match="timestep_sampling"):

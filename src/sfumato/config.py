@@ -93,6 +93,9 @@ class UnetCfg:
     timestep_sampling: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    # This share of each batch draws its noise levels uniformly instead, so the low-noise steps where a
+    # sampler finishes edges and digit strokes still train when the sampler above leans to high noise.
+    uniform_share: float = 0.0
     # The pooled prompt also enters the time embedding (diffusers addition_embed_type="text"), so every
     # ResNet block is modulated by the prompt, not only the attention levels.
     text_time_embedding: bool = False
@@ -279,7 +282,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "unet.head_dim": (1, 1 << 16),
     "unet.steps": (1, BIG), "unet.batch_size": (1, 1 << 20), "unet.lr": (1e-12, 10.0), "unet.warmup": (0, BIG),
     "unet.train_timesteps": (2, 1 << 20), "unet.snr_gamma": (0.0, 1e6), "unet.logit_mean": (-100.0, 100.0),
-    "unet.logit_std": (1e-6, 100.0), "unet.caption_dropout": (0.0, 1.0), "unet.text_encoder_lr": (0.0, 10.0), "unet.ema_decay": (0.0, 1.0),
+    "unet.logit_std": (1e-6, 100.0), "unet.uniform_share": (0.0, 1.0), "unet.caption_dropout": (0.0, 1.0), "unet.text_encoder_lr": (0.0, 10.0), "unet.ema_decay": (0.0, 1.0),
     "seed": (0, 2**63 - 1), "checkpoint_every": (1, BIG), "eval_every": (1, BIG), "log_every": (1, BIG),
 }
 

@@ -105,6 +105,9 @@ class LatentBatches:
             return torch.randint(0, T, (n,), generator=g)
         u = compute_density_for_timestep_sampling(self.u.timestep_sampling, n, logit_mean=self.u.logit_mean,
                                                   logit_std=self.u.logit_std, generator=g)
+        if self.u.uniform_share > 0:
+            swap = torch.rand(n, generator=g) < self.u.uniform_share
+            u = torch.where(swap, torch.rand(n, generator=g), u)
         return (u * T).long().clamp(0, T - 1)
 
     def draw(self, idx: np.ndarray, g: torch.Generator, device, t: torch.Tensor | None = None, dropout=None):

@@ -17,13 +17,11 @@ from PIL import Image
 
 import sfumato
 from sfumato.data import to_model_range
+from sfumato.diffusion import predicted_x0
 from sfumato.explain import _train_scheduler
+from sfumato.sampling import decode_latents
 from sfumato.shapesworld.checker import judge
 from sfumato.shapesworld.render import make_scene, render
-
-
-def to_image(x: torch.Tensor) -> Image.Image:
-    return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
 
 
 @torch.no_grad()
@@ -39,8 +37,6 @@ def main():
     torch.set_num_threads(a.threads)
     pipe = sfumato.load(a.model)
     sched = _train_scheduler(pipe)
-    if sched.config.prediction_type not in ("v_prediction", "epsilon"):
-        raise SystemExit(f"prediction type {sched.config.prediction_type!r} is not handled here")
     ac = sched.alphas_cumprod
     ts = torch.tensor([int(t) for t in a.timesteps.split(",")])
     sf = pipe.vae.config.scaling_factor
@@ -57,12 +53,8 @@ def main():
             noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(i)).to(pipe.device)
             noisy = torch.cat([sched.add_noise(z0, noise, t[None]) for t in ts])
             out = pipe.unet(noisy, ts.to(pipe.device), encoder_hidden_states=text.expand(len(ts), -1, -1)).sample
-            al = ac[ts].view(-1, 1, 1, 1).to(noisy)
-            if sched.config.prediction_type == "v_prediction":
-                x0 = al.sqrt() * noisy - (1 - al).sqrt() * out
-            else:
-                x0 = (noisy - (1 - al).sqrt() * out) / al.sqrt()
-            images = [to_image(d) for d in pipe.vae.decode(torch.cat([x0, z0]) / sf).sample]
+            x0 = predicted_x0(sched.config.prediction_type, noisy, out, ac[ts].view(-1, 1, 1, 1).to(noisy))
+            images = [Image.fromarray(d.numpy()) for d in decode_latents(pipe.vae, torch.cat([x0, z0]))]
             passed += [judge(im, sc.caption).passed for im in images[:-1]]
             recon += judge(images[-1], sc.caption).passed
             if a.grid and i < 8:

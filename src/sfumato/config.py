@@ -283,7 +283,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "unet.head_dim": (1, 1 << 16),
     "unet.steps": (1, BIG), "unet.batch_size": (1, 1 << 20), "unet.lr": (1e-12, 10.0), "unet.warmup": (0, BIG),
     "unet.train_timesteps": (2, 1 << 20), "unet.snr_gamma": (0.0, 1e6), "unet.logit_mean": (-100.0, 100.0),
-    "unet.logit_std": (1e-6, 100.0), "unet.uniform_share": (0.0, 1.0), "unet.caption_dropout": (0.0, 1.0), "unet.text_encoder_lr": (0.0, 10.0), "unet.ema_decay": (0.0, 1.0),
+    "unet.logit_std": (1e-6, 100.0), "unet.uniform_share": (0.0, 1.0), "unet.caption_dropout": (0.0, 1.0),
+    "unet.text_encoder_lr": (0.0, 10.0), "unet.ema_decay": (0.0, 1.0),
     "seed": (0, 2**63 - 1), "checkpoint_every": (1, BIG), "eval_every": (1, BIG), "log_every": (1, BIG),
 }
 

@@ -166,16 +166,11 @@ def check_phrase(tokenizer, phrase: str) -> None:
 
 
 @torch.no_grad()
-def ground(pipe, image: Image.Image, phrases: list[str], seed: int = 0,
-           timesteps: tuple[int, ...] = GROUNDING_TIMESTEPS) -> Grounding:
-    """Where is each phrase in `image`? Encode it with the VAE, noise it to a few timesteps, run the
-    UNet on each phrase and sum the cross-attention to the phrase's content words, read at the UNet's
-    finest cross-attention layers (see attention.py)."""
-    if not phrases:
-        raise UsageError("give at least one phrase (--text)")
-    for p in phrases:
-        check_phrase(pipe.tokenizer, p)
-    rgb = image.convert("RGB")
+def phrase_word_maps(pipe, rgb: Image.Image, phrases: list[str], seed: int = 0,
+                     timesteps: tuple[int, ...] = GROUNDING_TIMESTEPS) -> list[list[tuple[str, torch.Tensor]]]:
+    """Each phrase's content words with their cross-attention maps (native size) on `rgb`: the image
+    encoded with the VAE, noised to a few timesteps, the UNet run on the phrase, read at its finest
+    cross-attention layers (see attention.py) and summed over the timesteps."""
     side = pipe.native
     x = torch.from_numpy(np.array(rgb.resize((side, side), Image.BICUBIC))).permute(2, 0, 1)[None]
     x = to_model_range(x).to(pipe.device)
@@ -185,14 +180,27 @@ def ground(pipe, image: Image.Image, phrases: list[str], seed: int = 0,
     noise = torch.randn(z0.shape, generator=g).to(pipe.device)
     ts = torch.tensor(timesteps, dtype=torch.long)
     noisy = torch.cat([sched.add_noise(z0, noise, t[None]) for t in ts])
-    maps = []
+    out = []
     for phrase in phrases:
         caption = _as_caption(phrase)
         text, _ = pipe.encode([caption])
         with capture_cross_attention(pipe.unet, side, side, finest=True) as store:
             pipe.unet(noisy, ts.to(pipe.device), encoder_hidden_states=text.expand(len(ts), -1, -1))
-        token_maps = store.maps().sum(0)  # over timesteps
-        words = token_maps_to_words(pipe.tokenizer, caption, token_maps, content_only=True)
+        out.append(token_maps_to_words(pipe.tokenizer, caption, store.maps().sum(0), content_only=True))
+    return out
+
+
+def ground(pipe, image: Image.Image, phrases: list[str], seed: int = 0,
+           timesteps: tuple[int, ...] = GROUNDING_TIMESTEPS) -> Grounding:
+    """Where is each phrase in `image`? The cross-attention to the phrase's content words
+    (phrase_word_maps), summed, as a map per phrase at the image's size."""
+    if not phrases:
+        raise UsageError("give at least one phrase (--text)")
+    for p in phrases:
+        check_phrase(pipe.tokenizer, p)
+    rgb = image.convert("RGB")
+    maps = []
+    for words in phrase_word_maps(pipe, rgb, phrases, seed, timesteps):
         # Words weigh by the attention they draw. With a text tower trained along the UNet, the shape
         # word (which in a causal tower has read the colour before it) points 0.68 and the colour word
         # 0.27; scaling each word's map alike let the colour word's noise win (0.57 pointing on

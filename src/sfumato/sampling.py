@@ -11,13 +11,13 @@ from typing import Callable
 import torch
 
 
-@torch.no_grad()
 def prompt_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
     """Token ids (B, context), padded to the full context as the UNet was trained to read them."""
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
 
 
+@torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     """Last hidden states of the text tower, (B, context, width)."""
     return text_encoder(prompt_ids(tokenizer, prompts).to(text_encoder.device))[0]

@@ -18,6 +18,7 @@ x0 error per noise band, and `sfumato eval compositional` pass rates at fixed se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import time
@@ -65,6 +66,29 @@ ARMS: dict[str, list[str]] = {
     # 0.17 for digits
     "lownoise": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
                  "unet.text_time_embedding=True", "unet.text_encoder_lr=0.001", "unet.uniform_share=0.5"],
+    # lownoise with the token-grounding loss: each object word's cross-attention is asked to stay
+    # inside its object's box (TokenCompose), so the side an object goes to is taught directly
+    "ground": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
+               "unet.text_time_embedding=True", "unet.text_encoder_lr=0.001", "unet.uniform_share=0.5",
+               "unet.grounding_weight=0.1"],
+    # lownoise with its noise levels leaning low (median t/T 0.27 in the logit-normal half), the
+    # standard mix: digitlow's timestep change alone
+    "lowt": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=-1.0",
+             "unet.text_time_embedding=True", "unet.text_encoder_lr=0.001", "unet.uniform_share=0.5"],
+    # lownoise, and lownoise with the grounding loss, each with the UNet's input centred and conv_in
+    # widened to the whole latent, so every cell knows where it is (grown from a saved UNet by unet.init)
+    "posin": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
+              "unet.text_time_embedding=True", "unet.text_encoder_lr=0.001", "unet.uniform_share=0.5",
+              "unet.position_input=True"],
+    "posground": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
+                  "unet.text_time_embedding=True", "unet.text_encoder_lr=0.001", "unet.uniform_share=0.5",
+                  "unet.position_input=True", "unet.grounding_weight=0.1"],
+    # a diagnostic, not a recipe: lownoise with half the pairs digits and the noise levels leaning low
+    # (median t/T 0.27 in the logit-normal half). Does the UNet learn to finish digit strokes when
+    # most of its practice is just that?
+    "digitlow": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=-1.0",
+                 "unet.text_time_embedding=True", "unet.text_encoder_lr=0.001", "unet.uniform_share=0.5",
+                 "data.shapes_mix=text=9"],
 }
 
 
@@ -96,6 +120,7 @@ def prepare(args) -> None:
     from sfumato.config import get_preset
     from sfumato.data import load_pairs_data
     from sfumato.diffusion import cache_latents, cache_text, caption_ids
+    from sfumato.token_grounding import grounding_targets
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,8 +131,10 @@ def prepare(args) -> None:
     mean, std = cache_latents(vae, data.images)
     states, rows, empty = cache_text(tok, te, data.captions)
     ids, _, empty_ids = caption_ids(tok, data.captions)  # for arms that train the text tower
+    assign, boxes, _ = grounding_targets(tok, data.captions, data.records, ids.shape[1])  # for the grounding loss
     save_file({k: v.contiguous() for k, v in {"mean": mean, "std": std, "states": states, "rows": rows, "empty": empty,
-               "ids": ids, "empty_ids": empty_ids, "holdout": torch.as_tensor(data.holdout)}.items()},
+               "ids": ids, "empty_ids": empty_ids, "holdout": torch.as_tensor(data.holdout),
+               "ground_assign": assign, "ground_boxes": boxes}.items()},
               str(out / "cache.safetensors"))
     (out / "cache.json").write_text(json.dumps({"base": str(Path(args.base).resolve()), "pairs": args.pairs,
                                                 "scaling": vae.config.scaling_factor}))
@@ -120,6 +147,7 @@ def probe(args) -> None:
     Arms are then given steps = minutes x samples/s / batch: the same wall-clock budget on a quiet
     machine, and a fair one even when something else runs while they train."""
     from sfumato.models import build_unet, quiet_libraries
+    from sfumato.token_grounding import grounding_loss, recording_attention
 
     torch.set_num_threads(args.threads)
     quiet_libraries()
@@ -137,11 +165,18 @@ def probe(args) -> None:
         t, ids = torch.randint(0, 1000, (b,)), torch.randint(0, te.config.vocab_size, (b, 32))
         with torch.no_grad():
             fixed = te(ids)[0]
+        grounded = cfg.unet.grounding_weight > 0
+        assign = torch.randint(0, 4, (b, 32), dtype=torch.uint8)
+        boxes = torch.tensor([[8, 8, 30, 30], [34, 34, 56, 56], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.int16).expand(b, 4, 4)
         for i in range(25):
             if i == 5:
                 t0 = time.perf_counter()
             ctx = te(ids)[0] if trains_text else fixed
-            unet(x, t, encoder_hidden_states=ctx).sample.pow(2).mean().backward()
+            with recording_attention(unet) if grounded else contextlib.nullcontext() as rec:
+                loss = unet(x, t, encoder_hidden_states=ctx).sample.pow(2).mean()
+            if grounded:
+                loss = loss + grounding_loss(rec.probs, assign, boxes, 64, torch.ones(b, dtype=torch.bool))
+            loss.backward()
             opt.step()
             opt.zero_grad()
         rate = 20 * b / (time.perf_counter() - t0)
@@ -156,7 +191,8 @@ def _shape(arm: str, extra=None) -> tuple:
     """What sets an arm's training speed: the UNet's architecture and the batch size."""
     u = study_cfg(arm, extra).unet
     return (tuple(u.channels), u.layers_per_block, tuple(u.attention_levels), u.head_dim, u.text_time_embedding,
-            u.transformer_layers, u.batch_size, u.text_encoder_lr > 0)
+            u.transformer_layers, u.batch_size, u.text_encoder_lr > 0, u.grounding_weight > 0,
+            u.position_input)
 
 
 def run_arm(args) -> None:
@@ -185,6 +221,10 @@ def run_arm(args) -> None:
     torch.manual_seed(args.seed)
     scheduler = build_train_scheduler(cfg)
     tok, te, vae = load_base(base)
+    if args.tower:  # an arm that trains on from another run starts from that run's tower too
+        from transformers import CLIPTextModel
+
+        te = CLIPTextModel.from_pretrained(args.tower).eval().requires_grad_(False)
     unet = build_unet(cfg, c["mean"].shape[-1], te.config.hidden_size).to(memory_format=torch.channels_last)
     if cfg.unet.init:
         from sfumato.stages import load_unet_weights
@@ -196,7 +236,8 @@ def run_arm(args) -> None:
     # what trains: the UNet, or the UNet with the text tower in front, reading token ids (one EMA over both)
     trained = PromptUNet(unet, te.requires_grad_(True).train()) if trains_text else unet
     text = (c["ids"], c["rows"], c["empty_ids"]) if trains_text else (c["states"], c["rows"], c["empty"])
-    batches = LatentBatches(cfg, scheduler, (c["mean"], c["std"]), text, meta["scaling"])
+    grounding = (c["ground_assign"], c["ground_boxes"], 64) if "ground_assign" in c else None
+    batches = LatentBatches(cfg, scheduler, (c["mean"], c["std"]), text, meta["scaling"], grounding)
     weights = None
     if cfg.data.shapes_mix:
         # The cache holds the standard mix, where pair i is of category CATEGORIES[i % 9]; drawing
@@ -219,10 +260,10 @@ def run_arm(args) -> None:
     probes = {k: v for f in root.glob("probe-*.json") for k, v in json.loads(f.read_text()).items()}
     same = [v for k, v in probes.items() if k.endswith(f"/{args.threads}") and k.split("/")[0] in ARMS
             and _shape(k.split("/")[0]) == _shape(args.arm, args.set)]
-    if not same:
+    if not same and not args.steps:
         raise SystemExit(f"no probe for {args.arm} with {args.threads} thread(s): run `probe --arms {args.arm}` first")
-    probed = round(sum(same) / len(same), 1)
-    total = int(budget * probed / cfg.unet.batch_size)
+    probed = round(sum(same) / len(same), 1) if same else None
+    total = args.steps or int(budget * probed / cfg.unet.batch_size)
     step, t0 = 0, time.perf_counter()
     unet.train()
     while step < total:
@@ -442,6 +483,9 @@ def main() -> None:
     p.add_argument("--base", default=str(Path(__file__).resolve().parents[1] / "src/sfumato/assets/default-model"))
     p.add_argument("--pairs", type=int, default=30_000)
     p.add_argument("--minutes", type=float, default=10)
+    p.add_argument("--steps", type=int, default=0,
+                   help="train exactly this many steps instead (equal steps with a run of the same probed speed)")
+    p.add_argument("--tower", default="", help="arm: a text_encoder/ folder to start the tower from (default: the base's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", help="extra section.key=value overrides for this arm")

@@ -117,14 +117,22 @@ def test_counterfactual_sensitivity_of_the_shipped_model():
     assert out["cf_color_t700"] > 0.05
 
 
-def test_unet_init_grows_the_text_time_embedding_without_changing_the_output(tmp_path):
+def _grown(tmp_path, *overrides):
+    """A plain tiny UNet, saved, and a UNet of the tiny preset with `overrides` grown from it."""
     from sfumato.stages import load_unet_weights
 
     torch.manual_seed(0)
     plain = build_unet(get_preset("tiny"), 8, 32).eval()
     plain.save_pretrained(tmp_path / "unet")
-    grown = build_unet(apply_overrides(get_preset("tiny"), ["unet.text_time_embedding=True"]), 8, 32).eval()
+    grown = build_unet(apply_overrides(get_preset("tiny"), list(overrides)), 8, 32).eval()
     load_unet_weights(grown, tmp_path / "unet")
+    return plain, grown
+
+
+def test_unet_init_grows_the_text_time_embedding_without_changing_the_output(tmp_path):
+    from sfumato.stages import load_unet_weights
+
+    plain, grown = _grown(tmp_path, "unet.text_time_embedding=True")
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([100, 900]), torch.randn(2, 24, 32)
     assert torch.allclose(plain(x, t, encoder_hidden_states=ctx).sample, grown(x, t, encoder_hidden_states=ctx).sample,
                           atol=1e-6)
@@ -139,12 +147,7 @@ def test_unet_init_grows_a_second_transformer_block_without_changing_the_output(
 
     from sfumato.stages import load_unet_weights
 
-    torch.manual_seed(0)
-    plain = build_unet(get_preset("tiny"), 8, 32).eval()
-    plain.save_pretrained(tmp_path / "unet")
-    deep_cfg = apply_overrides(get_preset("tiny"), ["unet.transformer_layers=2"])
-    deep = build_unet(deep_cfg, 8, 32).eval()
-    load_unet_weights(deep, tmp_path / "unet")
+    plain, deep = _grown(tmp_path, "unet.transformer_layers=2")
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([100, 900]), torch.randn(2, 24, 32)
     assert torch.allclose(plain(x, t, encoder_hidden_states=ctx).sample, deep(x, t, encoder_hidden_states=ctx).sample,
                           atol=1e-6)
@@ -162,6 +165,39 @@ def test_unet_init_grows_a_second_transformer_block_without_changing_the_output(
         load_unet_weights(build_unet(get_preset("tiny"), 8, 32), tmp_path / "deep")
 
 
+def test_position_input_gives_each_cell_its_own_constant_and_grows_from_a_plain_unet(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from sfumato.stages import load_unet_weights
+
+    plain, pos = _grown(tmp_path, "unet.position_input=True")
+    assert pos.config.center_input_sample and pos.config.conv_in_kernel == 9
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        # the saved conv_in sits in the middle, halved for the doubled input, its bias taking back the shift
+        w = pos.conv_in.weight
+        assert torch.allclose(w[..., 3:6, 3:6], plain.conv_in.weight / 2)
+        middle = torch.nn.Conv2d(4, w.shape[0], 9, padding=4)
+        middle.weight.zero_()
+        middle.weight[..., 3:6, 3:6] = w[..., 3:6, 3:6]
+        middle.bias.copy_(pos.conv_in.bias)
+        a, b = plain.conv_in(x), middle(2 * x - 1)
+        assert torch.allclose(a[..., 1:-1, 1:-1], b[..., 1:-1, 1:-1], atol=1e-5)  # the same but at the border
+        # the outer taps start as faint ramps: an all-zero latent gives every cell a value of its own
+        lit = pos.conv_in(2 * torch.zeros(1, 4, 8, 8) - 1)[0, 0].flatten()
+    assert len(set(lit.round(decimals=5).tolist())) == 64
+    inner = w[..., 3:6, 3:6]
+    outer = (w.abs().sum() - inner.abs().sum()) / (w.numel() - inner.numel())
+    assert outer < 0.3 * inner.abs().mean()  # faint, tap for tap
+    pos.save_pretrained(tmp_path / "pos")
+    again = UNet2DConditionModel.from_pretrained(tmp_path / "pos")  # plain diffusers keys
+    assert again.config.conv_in_kernel == 9 and again.config.center_input_sample
+    load_unet_weights(build_unet(apply_overrides(get_preset("tiny"), ["unet.position_input=True"]), 8, 32),
+                      tmp_path / "pos")  # and it trains on from itself
+    with pytest.raises(UsageError, match="another architecture"):
+        load_unet_weights(build_unet(get_preset("tiny"), 8, 32), tmp_path / "pos")
+
+
 def test_unet_loss_draws_pairs_by_their_weights(monkeypatch):
     import numpy as np
 
@@ -170,7 +206,7 @@ def test_unet_loss_draws_pairs_by_their_weights(monkeypatch):
     b = _batches()
     seen = []
     real = b.draw
-    monkeypatch.setattr(b, "draw", lambda idx, g, device: seen.extend(idx.tolist()) or real(idx, g, device))
+    monkeypatch.setattr(b, "draw", lambda idx, g, device, **kw: seen.extend(idx.tolist()) or real(idx, g, device, **kw))
     model = lambda x, t, encoder_hidden_states: type("Out", (), {"sample": torch.zeros_like(x)})()  # noqa: E731
     train_idx = np.array([0, 1, 2, 3])
     for i in range(5):

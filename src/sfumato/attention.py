@@ -60,8 +60,8 @@ class AttentionStore:
 class _StoringProcessor:
     """diffusers' AttnProcessor (attention_processor.py), plus a hand-off of the probabilities."""
 
-    def __init__(self, store: AttentionStore):
-        self.store = store
+    def __init__(self, store, keep_grad: bool = False):
+        self.store, self.keep_grad = store, keep_grad
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -88,7 +88,7 @@ class _StoringProcessor:
         query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
         probs = attn.get_attention_scores(query, key, attention_mask)
         if is_cross:
-            self.store.add(probs.detach(), batch_size, attn.heads)
+            self.store.add(probs if self.keep_grad else probs.detach(), batch_size, attn.heads)
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
@@ -99,19 +99,26 @@ class _StoringProcessor:
 
 
 @contextlib.contextmanager
-def capture_cross_attention(unet, height: int, width: int, cfg: bool = False, finest: bool = False):
-    """Record cross-attention while the block runs; `cfg`: batches are [uncond, cond], keep cond;
-    `finest`: only the layers at the finest resolution."""
-    store = AttentionStore(height, width, cfg, finest)
+def swap_cross_attention_processors(unet, store, keep_grad: bool = False):
+    """Hand every cross-attention layer's probabilities to `store.add(probs, batch, heads)` while
+    the block runs (with their gradients when `keep_grad`)."""
     before = unet.attn_processors
     if not any(name.endswith("attn2.processor") for name in before):
         raise ValueError("this UNet has no cross-attention layers to read maps from")
-    unet.set_attn_processor({name: _StoringProcessor(store) if name.endswith("attn2.processor") else proc
+    unet.set_attn_processor({name: _StoringProcessor(store, keep_grad) if name.endswith("attn2.processor") else proc
                              for name, proc in before.items()})
     try:
         yield store
     finally:
         unet.set_attn_processor(before)
+
+
+@contextlib.contextmanager
+def capture_cross_attention(unet, height: int, width: int, cfg: bool = False, finest: bool = False):
+    """Record cross-attention while the block runs; `cfg`: batches are [uncond, cond], keep cond;
+    `finest`: only the layers at the finest resolution."""
+    with swap_cross_attention_processors(unet, AttentionStore(height, width, cfg, finest)) as store:
+        yield store
 
 
 def word_token_spans(tokenizer, text: str) -> list[tuple[str, list[int]]]:

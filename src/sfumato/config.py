@@ -104,6 +104,14 @@ class UnetCfg:
     # token states can change to suit the UNet (which object is which); 0 keeps it frozen and its
     # states cached. clip/ and search are untouched either way.
     text_encoder_lr: float = 0.0
+    # > 0 adds the token-grounding loss at this weight where the data says where each object is
+    # (ShapesWorld): each object word's cross-attention is kept inside its object (token_grounding.py).
+    grounding_weight: float = 0.0
+    # Centre the UNet's input (2x - 1) and widen conv_in to the whole latent (kernel latent_res + 1):
+    # conv_in's zero padding of the shifted input then gives every cell a constant of its own, so
+    # the attention layers can tell where they are, which "to the left of" needs (diffusers' own
+    # center_input_sample and conv_in_kernel keys: a plain UNet2DConditionModel still loads it).
+    position_input: bool = False
     ema_decay: float = 0.999
     ema_warmup: bool = True
     init: str = ""  # a diffusers unet/ folder to start from (train longer, fine-tune); same architecture
@@ -284,7 +292,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "unet.steps": (1, BIG), "unet.batch_size": (1, 1 << 20), "unet.lr": (1e-12, 10.0), "unet.warmup": (0, BIG),
     "unet.train_timesteps": (2, 1 << 20), "unet.snr_gamma": (0.0, 1e6), "unet.logit_mean": (-100.0, 100.0),
     "unet.logit_std": (1e-6, 100.0), "unet.uniform_share": (0.0, 1.0), "unet.caption_dropout": (0.0, 1.0),
-    "unet.text_encoder_lr": (0.0, 10.0), "unet.ema_decay": (0.0, 1.0),
+    "unet.text_encoder_lr": (0.0, 10.0), "unet.grounding_weight": (0.0, 1e6), "unet.ema_decay": (0.0, 1.0),
     "seed": (0, 2**63 - 1), "checkpoint_every": (1, BIG), "eval_every": (1, BIG), "log_every": (1, BIG),
 }
 

@@ -74,6 +74,7 @@ class PairData:
     fingerprint: str
     source: str
     stats: dict = field(default_factory=dict)
+    records: list[dict] | None = None  # scene records (ShapesWorld): where each named object is
 
     @property
     def train_idx(self) -> np.ndarray:
@@ -127,14 +128,15 @@ def _shapesworld(cfg: DataCfg, progress: bool) -> PairData:
         from rich.progress import track
 
         it = track(it, description=f"rendering {len(ds)} ShapesWorld pairs", transient=True)
-    images, captions = [], []
+    images, captions, records = [], [], []
     for i in it:
-        img, cap, _ = ds[i]
+        img, cap, rec = ds[i]
         images.append(img)
         captions.append(cap)
+        records.append(rec)
     ids = [f"{i:06d}" for i in range(len(ds))]
     holdout = np.array([_in_holdout(i, cfg.holdout) for i in ids])
     mix = f":{cfg.shapes_mix}" if cfg.shapes_mix else ""  # the standard mix keeps its old fingerprint
     fp = hashlib.sha256(f"shapesworld-v1:{cfg.shapes_n}:{cfg.shapes_seed}:{cfg.res}{mix}".encode()).hexdigest()
     return PairData(to_uint8_tensor(images), captions, ids, holdout, fp, "shapesworld",
-                    {"pairs": len(ids), "skipped": 0})
+                    {"pairs": len(ids), "skipped": 0}, records)

@@ -7,6 +7,7 @@ examples/text_to_image/train_text_to_image.py: noise, add_noise, epsilon or v ta
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -17,6 +18,7 @@ from rich.progress import track
 from .data import PairData, to_model_range
 from .engine import StageSpec
 from .sampling import prompt_ids
+from .token_grounding import grounding_loss, recording_attention
 
 # Noise bands whose loss is logged separately: layout is decided at high noise, detail at low.
 BANDS = {"low": (0.0, 0.3), "mid": (0.3, 0.7), "high": (0.7, 1.0)}
@@ -89,12 +91,14 @@ class LatentBatches:
     """Draws training batches (noisy latents, timesteps, text states, targets) from the caches.
 
     `text` is (states, rows, empty) from cache_text; or (ids, rows, empty_ids) from caption_ids when
-    the text tower trains along: batches then carry token ids, for a PromptUNet."""
+    the text tower trains along: batches then carry token ids, for a PromptUNet. `grounding` is
+    (assign, boxes, image_px) from token_grounding.grounding_targets, for the grounding loss."""
 
-    def __init__(self, cfg, scheduler, latents, text, scaling: float):
+    def __init__(self, cfg, scheduler, latents, text, scaling: float, grounding=None):
         self.u, self.scheduler, self.scaling = cfg.unet, scheduler, scaling
         self.mean, self.std = latents
         self.states, self.rows, self.empty = text
+        self.grounding = grounding
 
     def timesteps(self, n: int, g: torch.Generator) -> torch.Tensor:
         """Training noise levels, drawn as `unet.timestep_sampling` says."""
@@ -110,7 +114,9 @@ class LatentBatches:
             u = torch.where(swap, torch.rand(n, generator=g), u)
         return (u * T).long().clamp(0, T - 1)
 
-    def draw(self, idx: np.ndarray, g: torch.Generator, device, t: torch.Tensor | None = None, dropout=None):
+    def draw(self, idx: np.ndarray, g: torch.Generator, device, t: torch.Tensor | None = None, dropout=None,
+             with_keep: bool = False):
+        """(noisy, t, text, target), and with `with_keep` which pairs kept their caption."""
         n = len(idx)
         z = posterior_sample((self.mean, self.std), idx, g, self.scaling)
         noise = torch.randn(z.shape, generator=g)
@@ -120,12 +126,12 @@ class LatentBatches:
         target = noise if self.u.prediction_type == "epsilon" else self.scheduler.get_velocity(z, noise, t)
         ctx = self.states[self.rows[idx]]
         p = self.u.caption_dropout if dropout is None else dropout
-        if p > 0:
-            drop = torch.rand(n, generator=g) < p
-            ctx[drop] = self.empty
+        drop = torch.rand(n, generator=g) < p if p > 0 else torch.zeros(n, dtype=torch.bool)
+        ctx[drop] = self.empty
         if ctx.is_floating_point():  # cached states (float16); token ids stay integers
             ctx = ctx.float()
-        return noisy.to(device), t.to(device), ctx.to(device), target.to(device)
+        out = noisy.to(device), t.to(device), ctx.to(device), target.to(device)
+        return (*out, ~drop) if with_keep else out
 
 
 def unet_loss(model, batches: LatentBatches, train_idx: np.ndarray, g: torch.Generator, device,
@@ -137,8 +143,10 @@ def unet_loss(model, batches: LatentBatches, train_idx: np.ndarray, g: torch.Gen
     pick = (torch.randint(len(train_idx), (u.batch_size,), generator=g) if weights is None
             else torch.multinomial(weights, u.batch_size, replacement=True, generator=g))
     idx = train_idx[pick.numpy()]
-    noisy, t, ctx, target = batches.draw(idx, g, device)
-    pred = model(noisy, t, encoder_hidden_states=ctx).sample
+    noisy, t, ctx, target, keep = batches.draw(idx, g, device, with_keep=True)
+    grounded = batches.grounding is not None and u.grounding_weight > 0
+    with recording_attention(_bare_unet(model)) if grounded else contextlib.nullcontext() as rec:
+        pred = model(noisy, t, encoder_hidden_states=ctx).sample
     per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     w = snr_weights(scheduler, t.cpu(), u.snr_gamma).to(per.device) if u.snr_gamma > 0 else 1.0
     logs = {}
@@ -146,7 +154,20 @@ def unet_loss(model, batches: LatentBatches, train_idx: np.ndarray, g: torch.Gen
         m = (t >= lo * T) & (t < hi * T)
         if m.any():
             logs[f"mse_{name}"] = per[m].mean().detach()
-    return (per * w).mean(), logs
+    loss = (per * w).mean()
+    if grounded:
+        assign, boxes, image_px = batches.grounding
+        tidx = torch.as_tensor(idx)
+        ground = grounding_loss(rec.probs, assign[tidx], boxes[tidx], image_px, keep)
+        logs["grounding"] = ground.detach()
+        loss = loss + u.grounding_weight * ground.to(loss.device)
+    return loss, logs
+
+
+def _bare_unet(model):
+    """The UNet inside a distributed wrapper and/or a PromptUNet."""
+    model = getattr(model, "module", model)
+    return getattr(model, "unet", model)
 
 
 def unet_stage(cfg, data: PairData, unet, scheduler, batches: LatentBatches, engine, sample_fn) -> StageSpec:

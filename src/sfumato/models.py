@@ -96,9 +96,16 @@ def build_unet(cfg: TrainCfg, latent_res: int, cross_attention_dim: int):
         # diffusers reads `attention_head_dim` as the number of heads per block.
         attention_head_dim=tuple(max(1, ch // u.head_dim) for ch in u.channels),
         norm_num_groups=_groups(u.channels),
+        **({"center_input_sample": True, "conv_in_kernel": position_kernel(latent_res)} if u.position_input else {}),
         **({"addition_embed_type": "text", "addition_embed_type_num_heads": max(1, cross_attention_dim // u.head_dim)}
            if u.text_time_embedding else {}),
     )
+
+
+def position_kernel(latent_res: int) -> int:
+    """The smallest odd conv_in kernel whose padding reaches past the middle of the latent: every
+    cell then has padded taps on some side, at a distance that is its own."""
+    return 2 * (latent_res // 2) + 1
 
 
 def build_train_scheduler(cfg: TrainCfg):

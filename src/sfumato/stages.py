@@ -3,6 +3,7 @@ and returns its held-out metrics."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import warnings
@@ -140,6 +141,11 @@ def load_unet_weights(unet, folder) -> None:
         raise UsageError(f"unet.init: {path} does not exist (give a diffusers unet/ folder with safetensors weights)")
     weights = load_file(str(path))
     own = unet.state_dict()
+    if unet.config.center_input_sample and weights["conv_in.weight"].shape != own["conv_in.weight"].shape:
+        saved = json.loads((Path(folder) / "config.json").read_text())
+        weights["conv_in.weight"], weights["conv_in.bias"] = _widen_conv_in(
+            weights["conv_in.weight"], weights["conv_in.bias"], own["conv_in.weight"].shape[-1],
+            saved.get("center_input_sample", False))
     new = [k for k in own if k not in weights and GROWABLE.match(k)]
     wrong = [k for k in own if k not in new and (k not in weights or weights[k].shape != own[k].shape)]
     if wrong or len(weights) != len(own) - len(new):
@@ -160,6 +166,29 @@ def load_unet_weights(unet, folder) -> None:
     if any(k.startswith("add_embedding.") for k in new):
         torch.nn.init.zeros_(unet.add_embedding.norm2.weight)
         torch.nn.init.zeros_(unet.add_embedding.norm2.bias)
+
+
+def _widen_conv_in(w: torch.Tensor, b: torch.Tensor, kernel: int, centred: bool):
+    """A saved conv_in in the middle of a wider kernel that reads the centred input 2x - 1: halved,
+    with the bias taking back the shift, it computes what it did everywhere but at the border cells.
+
+    The new outer taps start as two faint ramps, +1 on the taps left of the middle and -1 right of
+    it (and the same by rows), mixed into every channel with random weights (standard deviation
+    0.25 / (kernel // 2)^2): over the padded shift they give each cell a constant that grows with its
+    column (row). Zero outer taps learnt no position in 2,067 steps (docs/recipe.md, round 9): a
+    query that does not vary with position gives a key nothing to learn from, and the reverse."""
+    if kernel < w.shape[-1] or (kernel - w.shape[-1]) % 2:
+        raise UsageError(f"unet.init: conv_in kernel {w.shape[-1]} does not fit in the middle of {kernel}")
+    if not centred:
+        w, b = w / 2, b + w.sum(dim=(1, 2, 3)) / 2
+    pad = (kernel - w.shape[-1]) // 2
+    wide = torch.nn.functional.pad(w, (pad, pad, pad, pad))
+    off = torch.arange(kernel) - kernel // 2
+    cols = -torch.sign(off).float()[None, :].expand(kernel, kernel)
+    outer = ~((off.abs() <= w.shape[-1] // 2)[:, None] & (off.abs() <= w.shape[-1] // 2)[None, :])
+    coef = torch.randn(w.shape[0], 2, generator=torch.Generator().manual_seed(0)) * (0.25 / (kernel // 2) ** 2)
+    ramps = coef[:, 0, None, None] * cols + coef[:, 1, None, None] * cols.T
+    return wide + (ramps * outer)[:, None] / w.shape[1], b
 
 
 def grid_prompts(cfg, data) -> list[str]:
@@ -206,7 +235,12 @@ def run_unet(run) -> dict:
     unet = build_unet(cfg, latent_res, text_encoder.config.hidden_size).to(dev, memory_format=torch.channels_last)
     if cfg.unet.init:
         load_unet_weights(unet, cfg.unet.init)
-    batches = LatentBatches(cfg, scheduler, latents, text, vae.config.scaling_factor)
+    grounding = None
+    if cfg.unet.grounding_weight > 0 and data.records is not None:
+        from .token_grounding import grounding_targets
+
+        grounding = grounding_targets(tok, data.captions, data.records, tok.model_max_length)
+    batches = LatentBatches(cfg, scheduler, latents, text, vae.config.scaling_factor, grounding)
     model = PromptUNet(unet, text_encoder) if trains_text else unet
     prompts = grid_prompts(cfg, data)
 

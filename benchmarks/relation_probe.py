@@ -20,19 +20,6 @@ import argparse
 import numpy as np
 import torch
 
-OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
-
-
-def flip_relation(caption: str) -> str:
-    from sfumato.shapesworld import spec
-
-    for phrase in sorted(spec.WORD_RELATION, key=len, reverse=True):
-        if f" {phrase} " in caption:
-            other = spec.RELATION_WORDS[OPPOSITE[spec.WORD_RELATION[phrase]]][0]
-            return caption.replace(f" {phrase} ", f" {other} ", 1)
-    raise ValueError(f"no relation in {caption!r}")
-
-
 def ridge_r2(x: np.ndarray, y: np.ndarray, n_fit: int) -> float:
     x = np.concatenate([x, np.ones((len(x), 1))], 1)
     w = np.linalg.solve(x[:n_fit].T @ x[:n_fit] + 1e-2 * np.eye(x.shape[1]), x[:n_fit].T @ y[:n_fit])
@@ -47,6 +34,7 @@ def main() -> None:
     p.add_argument("--timesteps", default="950,850,700,500")
     args = p.parse_args()
 
+    from sfumato.clip import flip_relation
     from sfumato.data import to_model_range
     from sfumato.pipeline import load
     from sfumato.sampling import prompt_ids
@@ -66,6 +54,8 @@ def main() -> None:
     records = [rec for _, _, rec in items]
     captions = {"true": [c for _, c, _ in items]}
     captions["flipped"] = [flip_relation(c) for c in captions["true"]]
+    if None in captions["flipped"]:
+        raise SystemExit("a position caption without a relation: the renders are not what this probe expects")
     with torch.no_grad():
         z = vae.encode(to_model_range(images)).latent_dist.mean * vae.config.scaling_factor
         ctx = {k: tower(prompt_ids(tok, v))[0] for k, v in captions.items()}
@@ -77,14 +67,19 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for t in (int(s) for s in args.timesteps.split(",")):
         noisy = sched.add_noise(z, torch.randn(z.shape, generator=g), torch.full((n,), t))
-        cells = {}
-        share = {}
+        cells, share, feats = {}, {}, []
         for kind, states in ctx.items():
             assign, boxes, px = grounding_targets(tok, captions[kind], records, states.shape[1])
             swapped = boxes.clone()
             swapped[:, [0, 1]] = boxes[:, [1, 0]]
+            # where: the queries' inputs, read during the true caption's forward
+            hooks = [m.register_forward_pre_hook(lambda mod, a, kw: feats.append(a[0] if a else kw["hidden_states"]),
+                                                 with_kwargs=True)
+                     for name, m in unet.named_modules() if name.endswith("attn2") and kind == "true"]
             with torch.no_grad(), recording_attention(unet) as rec:
                 unet(noisy, torch.full((n,), t), encoder_hidden_states=states)
+            for h in hooks:
+                h.remove()
             for res in (8, 4):
                 layers = [q for q in rec.probs if q.shape[2] == res * res]
                 a = torch.stack(layers).mean(0).mean(1)  # (N, HW, T)
@@ -93,15 +88,6 @@ def main() -> None:
                     m = token_masks(assign, b, px, res).flatten(2).transpose(1, 2)
                     own_other.append(float(((a * m).sum(1) / a.sum(1))[assign > 0].mean()))
                 share[(kind, res)] = "{:.2f} / {:.2f}".format(*own_other)
-        # where: the queries' inputs, from hooks on the true caption's forward
-        feats = []
-        hooks = [m.register_forward_pre_hook(lambda mod, a, kw: feats.append(a[0] if a else kw["hidden_states"]),
-                                             with_kwargs=True)
-                 for name, m in unet.named_modules() if name.endswith("attn2")]
-        with torch.no_grad():
-            unet(noisy, torch.full((n,), t), encoder_hidden_states=ctx["true"])
-        for h in hooks:
-            h.remove()
         for f in feats:
             hw = f.shape[1]
             side = int(round(hw ** 0.5))

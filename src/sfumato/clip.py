@@ -29,6 +29,19 @@ ALL_EDIT_KINDS = (*EDIT_KINDS, "shape")  # every kind edit_caption knows (clip.n
 _SHAPE = re.compile(r"\b(" + "|".join([*spec.PLURALS.values(), *spec.SHAPES]) + r")\b")
 
 
+def flip_relation(caption: str) -> str | None:
+    """"A left of B" as "A right of B" (above <-> below, ...); None without a relation."""
+    m = _REL.match(caption)
+    if not m:
+        return None
+    first, rel, second, bg = m.group(1), m.group(2), m.group(3), m.group(4) or ""
+    for word, opposite in OPPOSITE.items():
+        pattern = rf"\b{word}\b"
+        if re.search(pattern, rel):
+            return f"{first} {re.sub(pattern, opposite, rel)} {second}{bg}"
+    return None
+
+
 def edit_caption(caption: str, kind: str, rng: random.Random) -> str | None:
     """A caption that contradicts `caption` in one way (a hard negative), or None if `kind` doesn't apply."""
     if kind == "swap_colors":
@@ -44,11 +57,7 @@ def edit_caption(caption: str, kind: str, rng: random.Random) -> str | None:
         first, rel, second, bg = m.group(1), m.group(2), m.group(3), m.group(4) or ""
         if rng.random() < 0.5:  # swap the objects ...
             return f"{second} {rel} {first}{bg}"
-        for word, opposite in OPPOSITE.items():  # ... or flip the relation
-            pattern = rf"\b{word}\b"
-            if re.search(pattern, rel):
-                return f"{first} {re.sub(pattern, opposite, rel)} {second}{bg}"
-        return None
+        return flip_relation(caption)  # ... or flip the relation
     if kind == "count":
         m = _NUMBER.search(caption)
         if not m:

@@ -3,7 +3,6 @@ and returns its held-out metrics."""
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import warnings
@@ -142,7 +141,9 @@ def load_unet_weights(unet, folder) -> None:
     weights = load_file(str(path))
     own = unet.state_dict()
     if unet.config.center_input_sample and weights["conv_in.weight"].shape != own["conv_in.weight"].shape:
-        saved = json.loads((Path(folder) / "config.json").read_text())
+        from diffusers import UNet2DConditionModel
+
+        saved = UNet2DConditionModel.load_config(folder)
         weights["conv_in.weight"], weights["conv_in.bias"] = _widen_conv_in(
             weights["conv_in.weight"], weights["conv_in.bias"], own["conv_in.weight"].shape[-1],
             saved.get("center_input_sample", False))

@@ -32,6 +32,10 @@ import torch
 STUDY_BASE = ["unet.snr_gamma=5", "unet.timestep_sampling=uniform", "unet.text_time_embedding=False",
               "unet.lr=0.0005", "unet.warmup=200", "unet.text_encoder_lr=0"]
 
+# round 8's recipe, which later arms start from
+LOWNOISE = ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
+            "unet.text_time_embedding=True", "unet.text_encoder_lr=0.001", "unet.uniform_share=0.5"]
+
 ARMS: dict[str, list[str]] = {
     "baseline": [],  # the recipe the study began with: v-prediction, min-SNR-5, uniform t, lr 5e-4, batch 64
     "vflat": ["unet.snr_gamma=0"],  # plain v-MSE: high noise keeps its weight
@@ -64,25 +68,32 @@ ARMS: dict[str, list[str]] = {
     # texttrain with half of each batch's noise levels drawn uniformly: the high-noise sampler leaves
     # t < 200 3 % of the steps, and one-step x0 from t = 100 passes the checker 1.00 for colours but
     # 0.17 for digits
-    "lownoise": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
-                 "unet.text_time_embedding=True", "unet.text_encoder_lr=0.001", "unet.uniform_share=0.5"],
+    "lownoise": [*LOWNOISE],
     # lownoise with the token-grounding loss: each object word's cross-attention is asked to stay
     # inside its object's box (TokenCompose), so the side an object goes to is taught directly
-    "ground": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
-               "unet.text_time_embedding=True", "unet.text_encoder_lr=0.001", "unet.uniform_share=0.5",
-               "unet.grounding_weight=0.1"],
+    "ground": [*LOWNOISE, "unet.grounding_weight=0.1"],
     # lownoise with its noise levels leaning low (median t/T 0.27 in the logit-normal half), the
     # standard mix: digitlow's timestep change alone
     "lowt": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=-1.0",
              "unet.text_time_embedding=True", "unet.text_encoder_lr=0.001", "unet.uniform_share=0.5"],
     # lownoise, and lownoise with the grounding loss, each with the UNet's input centred and conv_in
     # widened to the whole latent, so every cell knows where it is (grown from a saved UNet by unet.init)
-    "posin": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
-              "unet.text_time_embedding=True", "unet.text_encoder_lr=0.001", "unet.uniform_share=0.5",
-              "unet.position_input=True"],
-    "posground": ["unet.snr_gamma=0", "unet.timestep_sampling=logit_normal", "unet.logit_mean=0.5",
-                  "unet.text_time_embedding=True", "unet.text_encoder_lr=0.001", "unet.uniform_share=0.5",
-                  "unet.position_input=True", "unet.grounding_weight=0.1"],
+    "posin": [*LOWNOISE, "unet.position_input=True"],
+    "posground": [*LOWNOISE, "unet.position_input=True", "unet.grounding_weight=0.1"],
+    # posground with the grounding loss at full weight on the high-noise steps only (t >= 700): there
+    # the latent cannot show where an object is, so attention in the right box has to come from the
+    # prompt's relation and the cell's place
+    "groundhigh": [*LOWNOISE, "unet.position_input=True", "unet.grounding_weight=1.0", "unet.grounding_min_t=700"],
+    # lownoise with the text tower's causal mask lifted (sfumato.models.bidirectional_text_encoder): in a
+    # causal tower the first-named object's tokens never see the relation that follows them
+    "bidir": [*LOWNOISE, "unet.text_bidirectional=True"],
+    # round 8b's texthard (three times the position and digit pairs) with the relation-contrast loss:
+    # a position pair's latent is denoised again under a caption with another relation, and that
+    # error must exceed the true caption's by 5 %
+    "contrast": [*LOWNOISE, "data.shapes_mix=position=3,text=3", "unet.relation_contrast=1.0"],
+    # lownoise with three times the digit pairs: after digitlow, to bring the layout back while the
+    # digits keep some practice
+    "digitkeep": [*LOWNOISE, "data.shapes_mix=text=3"],
     # a diagnostic, not a recipe: lownoise with half the pairs digits and the noise levels leaning low
     # (median t/T 0.27 in the logit-normal half). Does the UNet learn to finish digit strokes when
     # most of its practice is just that?
@@ -105,10 +116,12 @@ def log(*a):
 
 def load_base(base: Path):
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    from sfumato.models import load_text_encoder
 
     tok = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    te = CLIPTextModel.from_pretrained(base / "text_encoder").eval().requires_grad_(False)
+    te = load_text_encoder(base / "text_encoder").eval().requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(base / "vae").eval().requires_grad_(False)
     return tok, te, vae
 
@@ -192,7 +205,7 @@ def _shape(arm: str, extra=None) -> tuple:
     u = study_cfg(arm, extra).unet
     return (tuple(u.channels), u.layers_per_block, tuple(u.attention_levels), u.head_dim, u.text_time_embedding,
             u.transformer_layers, u.batch_size, u.text_encoder_lr > 0, u.grounding_weight > 0,
-            u.position_input)
+            u.position_input, u.relation_contrast > 0)
 
 
 def run_arm(args) -> None:
@@ -222,9 +235,13 @@ def run_arm(args) -> None:
     scheduler = build_train_scheduler(cfg)
     tok, te, vae = load_base(base)
     if args.tower:  # an arm that trains on from another run starts from that run's tower too
-        from transformers import CLIPTextModel
+        from sfumato.models import load_text_encoder
 
-        te = CLIPTextModel.from_pretrained(args.tower).eval().requires_grad_(False)
+        te = load_text_encoder(args.tower).eval().requires_grad_(False)
+    if cfg.unet.text_bidirectional and te.config.model_type == "clip_text_model":
+        from sfumato.models import bidirectional_text_encoder
+
+        te = bidirectional_text_encoder(te).eval().requires_grad_(False)
     unet = build_unet(cfg, c["mean"].shape[-1], te.config.hidden_size).to(memory_format=torch.channels_last)
     if cfg.unet.init:
         from sfumato.stages import load_unet_weights
@@ -237,7 +254,14 @@ def run_arm(args) -> None:
     trained = PromptUNet(unet, te.requires_grad_(True).train()) if trains_text else unet
     text = (c["ids"], c["rows"], c["empty_ids"]) if trains_text else (c["states"], c["rows"], c["empty"])
     grounding = (c["ground_assign"], c["ground_boxes"], 64) if "ground_assign" in c else None
-    batches = LatentBatches(cfg, scheduler, (c["mean"], c["std"]), text, meta["scaling"], grounding)
+    negatives = None
+    if cfg.unet.relation_contrast > 0:  # the captions back from their ids (they round-trip exactly)
+        from sfumato.diffusion import relation_negatives
+
+        unique = tok.batch_decode(c["ids"], skip_special_tokens=True)
+        text, negatives = relation_negatives(tok, [unique[r] for r in c["rows"].tolist()], text,
+                                             None if trains_text else te)
+    batches = LatentBatches(cfg, scheduler, (c["mean"], c["std"]), text, meta["scaling"], grounding, negatives)
     weights = None
     if cfg.data.shapes_mix:
         # The cache holds the standard mix, where pair i is of category CATEGORIES[i % 9]; drawing
@@ -339,6 +363,9 @@ def save_model(base: Path, unet, sampler, folder: Path, text_encoder=None) -> Pa
     if text_encoder is not None:
         shutil.rmtree(folder / "text_encoder")
         text_encoder.save_pretrained(folder / "text_encoder")
+        index = json.loads((folder / "model_index.json").read_text())
+        index["text_encoder"] = ["transformers", type(text_encoder).__name__]
+        (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return folder
 
 

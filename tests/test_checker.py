@@ -343,3 +343,25 @@ def test_noise_and_blank_images_fail(res):
     ys, xs = rng.integers(0, res, (2, 40))
     salt[ys, xs] = spec.COLORS["red"]
     assert not judge(salt, "a red circle").passed
+
+
+def test_the_shipped_vaes_digits_are_read_as_their_digit_and_never_as_another():
+    """The shipped VAE redraws the blocky glyphs with rounded, thinner strokes (a diagonal may
+    break); the digit reader is calibrated to read them (benchmarks/checker_calibration.py)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from sfumato.pipeline import DEFAULT_MODEL
+
+    vae = AutoencoderKL.from_pretrained(DEFAULT_MODEL / "vae").eval()
+    scenes = [make_scene(4242, i, ("text",)) for i in range(60)]
+    x = torch.stack([torch.from_numpy(np.asarray(render(s, 64).convert("RGB"))).permute(2, 0, 1) for s in scenes])
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x.float() / 127.5 - 1).latent_dist.mode()).sample
+    recon = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    read = [judge(r, s.caption).passed for r, s in zip(recon, scenes)]
+    assert np.mean(read) >= 0.85, np.mean(read)
+    for r, s in zip(recon, scenes):
+        k = s.objects[0].digit
+        other = s.caption.replace(f"digit {k}", f"digit {(k + 3) % 10}")
+        assert not judge(r, other).passed, other

@@ -213,3 +213,77 @@ def test_unet_loss_draws_pairs_by_their_weights(monkeypatch):
         diffusion.unet_loss(model, b, train_idx, torch.Generator().manual_seed(i), "cpu",
                             weights=torch.tensor([0.0, 0.0, 1.0, 0.0]))
     assert set(seen) == {2}
+
+
+def test_bidirectional_tower_keeps_the_weights_and_lets_early_tokens_read_later_ones(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sfumato.models import bidirectional_text_encoder, load_text_encoder
+
+    torch.manual_seed(0)
+    causal = CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=8, hidden_act="gelu")).eval()
+    both = bidirectional_text_encoder(causal).eval()
+    ids = torch.tensor([[3, 7, 9, 11, 2, 2, 2, 2]])
+    later = ids.clone()
+    later[0, 2] = 20  # a later word changed
+    with torch.no_grad():
+        # one token has nothing to look ahead to: the copied weights give the causal tower's state
+        assert torch.allclose(both(ids[:, :1])[0], causal(ids[:, :1])[0], atol=1e-5)
+        assert torch.equal(causal(ids)[0][0, 0], causal(later)[0][0, 0])  # causal: the first token cannot see it
+        assert not torch.allclose(both(ids)[0][0, 0], both(later)[0][0, 0])  # bidirectional: it does
+    both.save_pretrained(tmp_path / "te")
+    back = load_text_encoder(tmp_path / "te").eval()
+    assert type(back).__name__ == "MegatronBertModel"
+    with torch.no_grad():
+        assert torch.equal(back(ids)[0], both(ids)[0])
+
+
+def test_bidirectional_tower_needs_a_tower_learning_rate():
+    with pytest.raises(UsageError, match="text_encoder_lr"):
+        from sfumato.config import validate
+
+        validate(apply_overrides(get_preset("tiny"), ["unet.text_bidirectional=True"]))
+
+
+def test_other_relations_name_the_opposite_side_and_both_sides_of_the_other_axis():
+    from sfumato.clip import other_relations
+
+    got = other_relations("a red circle over a blue square on a white background")
+    assert got == ["a red circle to the left of a blue square on a white background",
+                   "a red circle to the right of a blue square on a white background",
+                   "a red circle below a blue square on a white background"]
+    assert other_relations("a red circle and a blue square") == []
+
+
+def test_relation_contrast_denoises_relation_pairs_again_under_another_relation():
+    import numpy as np
+    from transformers import CLIPTokenizer
+
+    from sfumato.diffusion import caption_ids, relation_negatives, unet_loss
+    from sfumato.pipeline import DEFAULT_MODEL
+
+    tok = CLIPTokenizer.from_pretrained(DEFAULT_MODEL / "tokenizer")
+    captions = ["a red circle left of a blue square", "a green cross", "a red circle left of a blue square",
+                "a yellow cross below a red square"]
+    text, neg = relation_negatives(tok, captions, caption_ids(tok, captions))
+    table = text[0]
+    assert neg.shape == (4, 3) and (neg[1] == -1).all() and torch.equal(neg[0], neg[2])
+    decoded = tok.batch_decode(table[neg[3]], skip_special_tokens=True)
+    assert decoded == ["a yellow cross to the left of a red square", "a yellow cross to the right of a red square",
+                       "a yellow cross above a red square"]
+
+    # states instead of ids (a frozen tower): one row per relation caption, and the loss term runs
+    cfg = apply_overrides(get_preset("tiny"), ["unet.relation_contrast=1.0", "unet.contrast_min_t=0",
+                                               "unet.caption_dropout=0", "unet.batch_size=8"])
+    states = torch.randn(len(table), table.shape[1], 32)
+    z = torch.randn(4, 4, 8, 8)
+    batches = LatentBatches(cfg, build_train_scheduler(cfg), (z, torch.zeros_like(z)),
+                            (states, text[1], torch.zeros(1, table.shape[1], 32)), 1.0, negatives=neg)
+    unet = build_unet(cfg, 8, 32)
+    loss, logs = unet_loss(unet, batches, np.arange(4), torch.Generator().manual_seed(0), "cpu")
+    assert "contrast" in logs and float(logs["contrast"]) >= 0
+    loss.backward()  # the term reaches the UNet's weights
+    cfg.unet.relation_contrast = 0.0
+    _, logs = unet_loss(unet, batches, np.arange(4), torch.Generator().manual_seed(0), "cpu")
+    assert "contrast" not in logs

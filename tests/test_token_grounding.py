@@ -94,6 +94,21 @@ def test_training_with_the_loss_moves_a_words_attention_into_its_box():
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
 
+def test_grounding_min_t_skips_the_loss_on_steps_below_it():
+    cfg, batches = _grounded_batches(1.0)
+    unet = build_unet(cfg, 8, 32)
+
+    def grounding_at(t, min_t):
+        batches.u.grounding_min_t = min_t
+        batches.timesteps = lambda n, g: torch.full((n,), t)
+        _, logs = unet_loss(unet, batches, np.arange(8), torch.Generator().manual_seed(0), "cpu")
+        return float(logs["grounding"])
+
+    assert grounding_at(100, 500) == 0
+    high = grounding_at(900, 0)
+    assert high > 0 and grounding_at(900, 500) == pytest.approx(high)
+
+
 def test_no_grounding_weight_leaves_the_loss_and_processors_alone():
     cfg, batches = _grounded_batches(0.0)
     unet = build_unet(cfg, 8, 32)

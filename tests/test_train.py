@@ -250,22 +250,28 @@ def test_accelerate_two_processes(tmp_path):
     assert _load_pipeline(out) is not None
 
 
-def test_text_encoder_trains_with_the_unet_when_given_a_learning_rate(tmp_path):
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_text_encoder_trains_with_the_unet_when_given_a_learning_rate(tmp_path, bidirectional):
     """unet.text_encoder_lr > 0: the UNet's text tower learns along (clip/ keeps its own) and the
-    folder still loads in plain diffusers; the engine gives the tower its own learning rate."""
+    folder still loads in plain diffusers; the engine gives the tower its own learning rate. With
+    unet.text_bidirectional the tower is CLIP's text tower with the causal mask lifted."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
     out = tmp_path / "model"
     code = main(["train", "--data", "shapesworld", "--out", str(out), "--preset", "tiny", "--set", "data.shapes_n=120",
                  "--set", "clip.steps=6", "--set", "vae.steps=6", "--set", "unet.steps=8", "--set", "eval_every=8",
-                 "--set", "unet.text_encoder_lr=0.01"])
+                 "--set", "unet.text_encoder_lr=0.01", "--set", f"unet.text_bidirectional={bidirectional}"])
     assert code == 0
     trained = load_file(str(out / "text_encoder" / "model.safetensors"))
     clip = load_file(str(out / "clip" / "model.safetensors"))
-    name = "encoder.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(trained[name], clip[f"text_model.{name}"])  # the tower moved away from CLIP's
+    name, clip_name = (("encoder.layer.0.attention.self.query.weight", "encoder.layers.0.self_attn.q_proj.weight")
+                       if bidirectional else ("encoder.layers.0.self_attn.q_proj.weight",) * 2)
+    assert not torch.equal(trained[name], clip[f"text_model.{clip_name}"])  # the tower moved away from CLIP's
+    tower = json.loads((out / "model_index.json").read_text())["text_encoder"][1]
+    assert tower == ("MegatronBertModel" if bidirectional else "CLIPTextModel")
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert type(pipe.text_encoder).__name__ == tower
     img = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np").images
     assert img.shape == (1, 32, 32, 3)
 

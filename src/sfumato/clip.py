@@ -42,6 +42,17 @@ def flip_relation(caption: str) -> str | None:
     return None
 
 
+def other_relations(caption: str) -> list[str]:
+    """"A left of B" with each of the three other relations (right of, above, below): the opposite
+    side and both sides of the other axis; [] without a relation."""
+    m = _REL.match(caption)
+    if not m:
+        return []
+    first, rel, second, bg = m.group(1), m.group(2), m.group(3), m.group(4) or ""
+    named = spec.WORD_RELATION[rel]
+    return [f"{first} {spec.RELATION_WORDS[r][0]} {second}{bg}" for r in spec.RELATIONS if r != named]
+
+
 def edit_caption(caption: str, kind: str, rng: random.Random) -> str | None:
     """A caption that contradicts `caption` in one way (a hard negative), or None if `kind` doesn't apply."""
     if kind == "swap_colors":

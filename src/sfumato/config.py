@@ -107,11 +107,23 @@ class UnetCfg:
     # > 0 adds the token-grounding loss at this weight where the data says where each object is
     # (ShapesWorld): each object word's cross-attention is kept inside its object (token_grounding.py).
     grounding_weight: float = 0.0
+    # The grounding loss only on steps noised to t >= this: below it the latent already shows where
+    # each object is and the loss is met by reading it; above it only the prompt can say where.
+    grounding_min_t: int = 0
+    # > 0 adds a relation-contrast loss at this weight where captions name a relation (ShapesWorld's
+    # grammar): each such pair noised to t >= contrast_min_t is denoised again under a caption with
+    # another relation, whose error must exceed the true caption's by contrast_margin (a share).
+    relation_contrast: float = 0.0
+    contrast_margin: float = 0.05
+    contrast_min_t: int = 500
     # Centre the UNet's input (2x - 1) and widen conv_in to the whole latent (kernel latent_res + 1):
     # conv_in's zero padding of the shifted input then gives every cell a constant of its own, so
     # the attention layers can tell where they are, which "to the left of" needs (diffusers' own
     # center_input_sample and conv_in_kernel keys: a plain UNet2DConditionModel still loads it).
     position_input: bool = False
+    # Lift the text tower's causal mask (models.bidirectional_text_encoder), so the first-named object's
+    # tokens read the relation that follows them; needs text_encoder_lr > 0 to adapt the tower.
+    text_bidirectional: bool = False
     ema_decay: float = 0.999
     ema_warmup: bool = True
     init: str = ""  # a diffusers unet/ folder to start from (train longer, fine-tune); same architecture
@@ -292,7 +304,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "unet.steps": (1, BIG), "unet.batch_size": (1, 1 << 20), "unet.lr": (1e-12, 10.0), "unet.warmup": (0, BIG),
     "unet.train_timesteps": (2, 1 << 20), "unet.snr_gamma": (0.0, 1e6), "unet.logit_mean": (-100.0, 100.0),
     "unet.logit_std": (1e-6, 100.0), "unet.uniform_share": (0.0, 1.0), "unet.caption_dropout": (0.0, 1.0),
-    "unet.text_encoder_lr": (0.0, 10.0), "unet.grounding_weight": (0.0, 1e6), "unet.ema_decay": (0.0, 1.0),
+    "unet.text_encoder_lr": (0.0, 10.0), "unet.grounding_weight": (0.0, 1e6), "unet.grounding_min_t": (0, 999),
+    "unet.relation_contrast": (0.0, 1e6), "unet.contrast_margin": (0.0, 10.0), "unet.contrast_min_t": (0, 999),
+    "unet.ema_decay": (0.0, 1.0),
     "seed": (0, 2**63 - 1), "checkpoint_every": (1, BIG), "eval_every": (1, BIG), "log_every": (1, BIG),
 }
 
@@ -315,6 +329,9 @@ def validate(cfg: TrainCfg) -> TrainCfg:
     if unknown or not cfg.clip.negative_kinds:
         what = f"unknown edit {unknown[0]!r}" if unknown else "empty"
         raise UsageError(f"clip.negative_kinds: {what} (choose from {', '.join(ALL_EDIT_KINDS)})")
+    if cfg.unet.text_bidirectional and cfg.unet.text_encoder_lr <= 0:
+        raise UsageError("unet.text_bidirectional needs unet.text_encoder_lr > 0: the tower has to learn to read "
+                         "both ways")
     from .shapesworld.spec import mix_categories
 
     try:

@@ -92,13 +92,21 @@ class LatentBatches:
 
     `text` is (states, rows, empty) from cache_text; or (ids, rows, empty_ids) from caption_ids when
     the text tower trains along: batches then carry token ids, for a PromptUNet. `grounding` is
-    (assign, boxes, image_px) from token_grounding.grounding_targets, for the grounding loss."""
+    (assign, boxes, image_px) from token_grounding.grounding_targets, for the grounding loss.
+    `negatives` (N, K) are rows of the text table that contradict each pair's caption (-1: none),
+    from relation_negatives, for the relation-contrast loss."""
 
-    def __init__(self, cfg, scheduler, latents, text, scaling: float, grounding=None):
+    def __init__(self, cfg, scheduler, latents, text, scaling: float, grounding=None, negatives=None):
         self.u, self.scheduler, self.scaling = cfg.unet, scheduler, scaling
         self.mean, self.std = latents
         self.states, self.rows, self.empty = text
         self.grounding = grounding
+        self.negatives = negatives
+
+    def context(self, rows: torch.Tensor) -> torch.Tensor:
+        """What the UNet (or the PromptUNet) reads for these text-table rows: states, or token ids."""
+        ctx = self.states[rows]
+        return ctx.float() if ctx.is_floating_point() else ctx  # cached states are float16
 
     def timesteps(self, n: int, g: torch.Generator) -> torch.Tensor:
         """Training noise levels, drawn as `unet.timestep_sampling` says."""
@@ -124,12 +132,10 @@ class LatentBatches:
             t = self.timesteps(n, g)
         noisy = self.scheduler.add_noise(z, noise, t)
         target = noise if self.u.prediction_type == "epsilon" else self.scheduler.get_velocity(z, noise, t)
-        ctx = self.states[self.rows[idx]]
+        ctx = self.context(self.rows[idx])
         p = self.u.caption_dropout if dropout is None else dropout
         drop = torch.rand(n, generator=g) < p if p > 0 else torch.zeros(n, dtype=torch.bool)
-        ctx[drop] = self.empty
-        if ctx.is_floating_point():  # cached states (float16); token ids stay integers
-            ctx = ctx.float()
+        ctx[drop] = self.empty.to(ctx.dtype)
         out = noisy.to(device), t.to(device), ctx.to(device), target.to(device)
         return (*out, ~drop) if with_keep else out
 
@@ -158,10 +164,47 @@ def unet_loss(model, batches: LatentBatches, train_idx: np.ndarray, g: torch.Gen
     if grounded:
         assign, boxes, image_px = batches.grounding
         tidx = torch.as_tensor(idx)
-        ground = grounding_loss(rec.probs, assign[tidx], boxes[tidx], image_px, keep)
+        ground = grounding_loss(rec.probs, assign[tidx], boxes[tidx], image_px, keep & (t.cpu() >= u.grounding_min_t))
         logs["grounding"] = ground.detach()
         loss = loss + u.grounding_weight * ground.to(loss.device)
+    if u.relation_contrast > 0 and batches.negatives is not None:
+        # The same noisy latents under a caption with another relation should be denoised worse, by
+        # a margin: the diffusion loss alone hardly tells the relations apart (docs/recipe.md).
+        neg = batches.negatives[torch.as_tensor(idx)]
+        sel = torch.nonzero((neg >= 0).any(1) & keep.cpu() & (t.cpu() >= u.contrast_min_t))[:, 0]
+        if len(sel):
+            pick = torch.multinomial((neg[sel] >= 0).float(), 1, generator=g)[:, 0]
+            ctx_neg = batches.context(neg[sel, pick]).to(device)
+            s = sel.to(device)
+            pred_neg = model(noisy[s], t[s], encoder_hidden_states=ctx_neg).sample
+            per_neg = F.mse_loss(pred_neg.float(), target[s].float(), reduction="none").mean(dim=(1, 2, 3))
+            contrast = F.relu(per[s] * (1 + u.contrast_margin) - per_neg).mean()
+            logs["contrast"] = contrast.detach()
+            logs["contrast_gap"] = (per_neg / per[s]).mean().detach() - 1
+            loss = loss + u.relation_contrast * contrast
     return loss, logs
+
+
+def relation_negatives(tokenizer, captions: list[str], text, text_encoder=None):
+    """The text table (table, rows, empty) grown by each distinct caption's other-relation captions
+    (clip.other_relations), and (N, 3) rows of them per pair, -1 where a caption names no relation.
+    The table holds token ids, or the states of `text_encoder` when one is given (a frozen tower)."""
+    from .clip import other_relations
+
+    table, rows, empty = text
+    unique = list(dict.fromkeys(captions))
+    negs = {c: other_relations(c) for c in unique}
+    extra = list(dict.fromkeys(n for ns in negs.values() for n in ns))
+    at = {c: len(table) + i for i, c in enumerate(extra)}
+    if extra:
+        grown = (cache_text(tokenizer, text_encoder, extra)[0] if text_encoder is not None
+                 else prompt_ids(tokenizer, extra))
+        table = torch.cat([table, grown.to(table.dtype)])
+    per_caption = torch.full((len(unique), 3), -1, dtype=torch.long)
+    for i, c in enumerate(unique):
+        for k, n in enumerate(negs[c][:3]):
+            per_caption[i, k] = at[n]
+    return (table, rows, empty), per_caption[rows]
 
 
 def _bare_unet(model):

@@ -61,6 +61,52 @@ def text_encoder_from_clip(clip):
     return enc
 
 
+def bidirectional_text_encoder(text_encoder):
+    """The same text tower with its causal mask lifted, so every token reads the whole prompt.
+
+    In a causal tower the first-named object's tokens never see the relation that follows them ("a red
+    circle | to the left of a blue square"), so only later tokens can tell the UNet where it goes.
+    transformers' MegatronBertModel is a bidirectional pre-LayerNorm transformer laid out as CLIP's text
+    transformer (learned positions, LayerNorm before attention and MLP, a final LayerNorm), so the
+    weights copy one to one; no library converts one into the other, hence this function. Plain
+    diffusers loads it as a pipeline's `text_encoder` (it reads output [0]); every prompt is padded to
+    the tokenizer's full length, in training and in diffusers alike, so the padding it reads is the same."""
+    import torch
+    from transformers import MegatronBertConfig, MegatronBertModel
+
+    c = text_encoder.config
+    config = MegatronBertConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size, hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings, type_vocab_size=1, layer_norm_eps=c.layer_norm_eps,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=c.pad_token_id,
+    )
+    enc = MegatronBertModel(config)  # its pooler is unused, kept so the folder loads without gaps
+    src = getattr(text_encoder, "text_model", text_encoder).state_dict()  # v4 nests, v5 does not
+    dst = {"embeddings.word_embeddings.weight": src["embeddings.token_embedding.weight"],
+           "embeddings.position_embeddings.weight": src["embeddings.position_embedding.weight"],
+           "embeddings.token_type_embeddings.weight": torch.zeros(1, c.hidden_size),
+           "encoder.ln.weight": src["final_layer_norm.weight"], "encoder.ln.bias": src["final_layer_norm.bias"]}
+    names = {"self_attn.q_proj": "attention.self.query", "self_attn.k_proj": "attention.self.key",
+             "self_attn.v_proj": "attention.self.value", "self_attn.out_proj": "attention.output.dense",
+             "layer_norm1": "attention.ln", "layer_norm2": "ln", "mlp.fc1": "intermediate.dense",
+             "mlp.fc2": "output.dense"}
+    for i in range(c.num_hidden_layers):
+        for a, b in names.items():
+            for p in ("weight", "bias"):
+                dst[f"encoder.layer.{i}.{b}.{p}"] = src[f"encoder.layers.{i}.{a}.{p}"]
+    enc.load_state_dict(dst, strict=False)
+    return enc
+
+
+def load_text_encoder(folder, **kwargs):
+    """A model folder's text tower, of whichever transformers class its config names (CLIPTextModel,
+    or the bidirectional MegatronBertModel above)."""
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(folder, **kwargs)
+
+
 def build_vae(cfg: TrainCfg):
     from diffusers import AutoencoderKL
 

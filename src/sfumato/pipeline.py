@@ -31,7 +31,7 @@ from .config import (DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_SIDE, MAX_S
 from .data import to_model_range
 from .errors import SfumatoError, UsageError
 from .files import sha256_bytes
-from .models import quiet_libraries
+from .models import load_text_encoder, quiet_libraries
 from .prompts import check_weights, tokenize
 from .prompts import encode as encode_prompt_syntax
 from .sampling import decode_latents, denoise, seeded_noise
@@ -335,7 +335,7 @@ def load(model: str | Path | None = None, device: str | None = None, onnx: bool 
     On a CPU the folder's ONNX export (`sfumato export`) runs the UNet and VAE decoder when it matches
     the weights (onnx=None: if there is one; True: it must be there and valid; False: PyTorch only)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     folder = Path(model) if model else DEFAULT_MODEL
     if not folder.is_dir():
@@ -356,7 +356,7 @@ def load(model: str | Path | None = None, device: str | None = None, onnx: bool 
     try:
         kw = {"local_files_only": True, "use_safetensors": True}
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw).to(device).eval()
+        text_encoder = load_text_encoder(folder / "text_encoder", **kw).to(device).eval()
         vae = AutoencoderKL.from_pretrained(folder / "vae", **kw).to(device).eval()
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw).to(device).eval()
         fast = None

@@ -14,8 +14,8 @@ from .clip import ClipTrainer, batch_negatives, embed_images, embed_texts, hard_
 from .data import to_model_range
 from .engine import StageSpec
 from .errors import UsageError
-from .models import (build_clip, build_sample_scheduler, build_train_scheduler, build_unet, build_vae,
-                     text_encoder_from_clip, vae_factor)
+from .models import (bidirectional_text_encoder, build_clip, build_sample_scheduler, build_train_scheduler,
+                     build_unet, build_vae, load_text_encoder, text_encoder_from_clip, vae_factor)
 from .tokenizer import encode, load_tokenizer, train_tokenizer
 
 EVAL_PAIRS = 1000
@@ -212,7 +212,6 @@ def draw_samples(pipe, prompts: list[str], seed: int) -> list:
 
 def run_unet(run) -> dict:
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
 
     from .diffusion import LatentBatches, PromptUNet, cache_latents, cache_text, caption_ids, ema_copy, unet_stage
     from .pipeline import Pipeline
@@ -223,7 +222,10 @@ def run_unet(run) -> dict:
     dev = engine.device
     tok = load_tokenizer(run.work / "tokenizer")
     trains_text = cfg.unet.text_encoder_lr > 0
-    text_encoder = CLIPTextModel.from_pretrained(run.work / "text_encoder").to(dev).eval().requires_grad_(trains_text)
+    text_encoder = load_text_encoder(run.work / "text_encoder")
+    if cfg.unet.text_bidirectional and text_encoder.config.model_type == "clip_text_model":
+        text_encoder = bidirectional_text_encoder(text_encoder)
+    text_encoder = text_encoder.to(dev).eval().requires_grad_(trains_text)
     vae = AutoencoderKL.from_pretrained(run.work / "vae").to(dev).eval().requires_grad_(False)
     latents = cache_latents(vae, data.images, progress=engine.progress)
     # A frozen tower's states are cached once; a tower that trains along reads token ids every batch.
@@ -241,7 +243,12 @@ def run_unet(run) -> dict:
         from .token_grounding import grounding_targets
 
         grounding = grounding_targets(tok, data.captions, data.records, tok.model_max_length)
-    batches = LatentBatches(cfg, scheduler, latents, text, vae.config.scaling_factor, grounding)
+    negatives = None
+    if cfg.unet.relation_contrast > 0:
+        from .diffusion import relation_negatives
+
+        text, negatives = relation_negatives(tok, data.captions, text, None if trains_text else text_encoder)
+    batches = LatentBatches(cfg, scheduler, latents, text, vae.config.scaling_factor, grounding, negatives)
     model = PromptUNet(unet, text_encoder) if trains_text else unet
     prompts = grid_prompts(cfg, data)
 

@@ -103,7 +103,8 @@ def recording_attention(unet):
 def grounding_loss(probs: list[torch.Tensor], assign: torch.Tensor, boxes: torch.Tensor, image_px: int,
                    keep: torch.Tensor) -> torch.Tensor:
     """TokenCompose's token loss over the recorded layers; `keep` (B,) bool drops pairs whose
-    caption was replaced by the empty prompt. Zero when no token names an object."""
+    caption was replaced by the empty prompt (or whose noise level the loss skips).
+    Zero when no token names an object."""
     named = (assign > 0) & keep[:, None].to(assign.device)
     if not named.any():
         return torch.zeros(())

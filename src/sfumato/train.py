@@ -165,7 +165,7 @@ def finalize(run: Run) -> Path:
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": versions()["diffusers"],
         "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
         "safety_checker": [None, None], "scheduler": ["diffusers", _scheduler_class(work)],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", _text_encoder_class(work)], "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
     }
     (work / "model_index.json").write_text(json.dumps(index, indent=1))
@@ -180,6 +180,11 @@ def finalize(run: Run) -> Path:
 
 def _scheduler_class(work: Path) -> str:
     return json.loads((work / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+
+
+def _text_encoder_class(work: Path) -> str:
+    """CLIPTextModel, or MegatronBertModel for a tower trained bidirectional (unet.text_bidirectional)."""
+    return json.loads((work / "text_encoder" / "config.json").read_text())["architectures"][0]
 
 
 __all__ = ["train", "STAGES", "parse_stages", "StageSpec", "to_model_range"]

@@ -2,6 +2,7 @@
 
     python benchmarks/position_failures.py EVAL_DIR [EVAL_DIR ...]
     python benchmarks/position_failures.py --model MODEL [--n 24]    # does the relation move anything?
+    python benchmarks/position_failures.py --model MODEL --x0        # from pure noise, does the x0 follow it?
 
 Reads the `verdicts.jsonl` that `sfumato eval compositional --out EVAL_DIR` writes and sorts each
 position prompt into: passed; objects wrong (missing, extra or mis-drawn, so no relation was judged);
@@ -14,6 +15,11 @@ right every time and the side half the time.
 With --model: n random position prompts, each drawn at default settings with one seed under all four
 relations; the median distance (px at 64) the first-named object moves between them. A UNet whose
 layout follows the relation moves it across the canvas; one whose layout follows the noise does not.
+
+With --x0: the x0 the UNet predicts from pure noise (t = T - 1, zero terminal SNR), averaged over 8
+noises, for n prompts under each relation: where the first-named object's colour sits against the
+second's. Trained to the data, that is the mean over the scenes the caption allows: the first object
+25 px to the named side of the second (the renders' figure is printed beside it).
 """
 
 import argparse
@@ -72,13 +78,66 @@ def layout_shift(model: str | None, n: int, threads: int) -> None:
           f"another seed, {np.median(seeds):.1f} px (mean {np.mean(seeds):.1f}, {len(seeds)})")
 
 
+def x0_from_noise(model: str | None, n: int, threads: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    import sfumato
+    from sfumato.diffusion import predicted_x0
+    from sfumato.explain import _train_scheduler
+    from sfumato.sampling import decode_latents
+    from sfumato.shapesworld import spec
+    from sfumato.shapesworld.render import make_scene
+
+    def centroid(img: np.ndarray, color: str) -> np.ndarray:
+        w = np.clip(1 - np.linalg.norm(img.astype(np.float32) - np.array(spec.COLORS[color], np.float32), axis=-1)
+                    / 120, 0, 1) ** 2
+        ys, xs = np.indices(w.shape)
+        return np.array([(w * xs).sum(), (w * ys).sum()]) / (w.sum() + 1e-6)
+
+    torch.set_num_threads(threads)
+    pipe = sfumato.load(model)
+    sched = _train_scheduler(pipe)
+    ac, last = sched.alphas_cumprod, len(sched.alphas_cumprod) - 1
+    rng = random.Random(0)
+    got = {r: [] for r in spec.RELATIONS}
+    with torch.no_grad():
+        for i in range(n):
+            (c1, c2), (s1, s2) = rng.sample(list(spec.COLORS), 2), rng.sample(list(spec.SHAPES), 2)
+            c = pipe.unet.config
+            noise = torch.randn(8, c.in_channels, c.sample_size, c.sample_size,
+                                generator=torch.Generator().manual_seed(i)).to(pipe.device)
+            t = torch.full((8,), last, device=pipe.device)
+            for rel in spec.RELATIONS:
+                text, _ = pipe.encode([f"a {c1} {s1} {spec.RELATION_WORDS[rel][0]} a {c2} {s2}"] * 8)
+                out = pipe.unet(noise, t, encoder_hidden_states=text).sample
+                x0 = predicted_x0(sched.config.prediction_type, noise, out, ac[last].to(noise))
+                img = decode_latents(pipe.vae, x0.mean(0, keepdim=True))[0].numpy()
+                got[rel].append(centroid(img, c1) - centroid(img, c2))
+    renders = {r: [] for r in spec.RELATIONS}
+    for i in range(2000):
+        sc = make_scene(4242, i, ("position",))
+        rel = next(r for r in spec.RELATIONS if any(w in sc.caption for w in spec.RELATION_WORDS[r]))
+        renders[rel].append(np.array(sc.objects[0].center) - np.array(sc.objects[1].center))
+    print(f"{pipe.folder}: x0 from pure noise, {n} prompts x 8 noises, {threads} thread(s); "
+          "first object minus second (px)")
+    for rel in spec.RELATIONS:
+        (mx, my), (rx, ry) = np.mean(got[rel], 0), np.mean(renders[rel], 0)
+        print(f"  {rel:6s} UNet dx {mx:+6.1f} dy {my:+6.1f}   renders dx {rx:+6.1f} dy {ry:+6.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("evals", nargs="*", help="folders written by `sfumato eval compositional --out`")
     ap.add_argument("--model", default=None, help="measure how far the relation moves the objects instead")
     ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--x0", action="store_true", help="with --model: the x0 predicted from pure noise instead")
     a = ap.parse_args()
+    if a.x0:
+        return x0_from_noise(a.model, a.n, a.threads)
     if a.model or not a.evals:
         return layout_shift(a.model, a.n, a.threads)
     kinds = ("passed", "objects wrong", "wrong axis", "wrong side")

@@ -238,7 +238,7 @@ def run_arm(args) -> None:
         from sfumato.models import load_text_encoder
 
         te = load_text_encoder(args.tower).eval().requires_grad_(False)
-    if cfg.unet.text_bidirectional and te.config.model_type == "clip_text_model":
+    if cfg.unet.text_bidirectional:
         from sfumato.models import bidirectional_text_encoder
 
         te = bidirectional_text_encoder(te).eval().requires_grad_(False)

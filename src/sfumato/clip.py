@@ -29,12 +29,18 @@ ALL_EDIT_KINDS = (*EDIT_KINDS, "shape")  # every kind edit_caption knows (clip.n
 _SHAPE = re.compile(r"\b(" + "|".join([*spec.PLURALS.values(), *spec.SHAPES]) + r")\b")
 
 
+def _relation_parts(caption: str) -> tuple[str, str, str, str] | None:
+    """(first object, relation phrase, second object, " on a <bg> background" or "") of "A rel B"."""
+    m = _REL.match(caption)
+    return (m.group(1), m.group(2), m.group(3), m.group(4) or "") if m else None
+
+
 def flip_relation(caption: str) -> str | None:
     """"A left of B" as "A right of B" (above <-> below, ...); None without a relation."""
-    m = _REL.match(caption)
-    if not m:
+    parts = _relation_parts(caption)
+    if not parts:
         return None
-    first, rel, second, bg = m.group(1), m.group(2), m.group(3), m.group(4) or ""
+    first, rel, second, bg = parts
     for word, opposite in OPPOSITE.items():
         pattern = rf"\b{word}\b"
         if re.search(pattern, rel):
@@ -45,10 +51,10 @@ def flip_relation(caption: str) -> str | None:
 def other_relations(caption: str) -> list[str]:
     """"A left of B" with each of the three other relations (right of, above, below): the opposite
     side and both sides of the other axis; [] without a relation."""
-    m = _REL.match(caption)
-    if not m:
+    parts = _relation_parts(caption)
+    if not parts:
         return []
-    first, rel, second, bg = m.group(1), m.group(2), m.group(3), m.group(4) or ""
+    first, rel, second, bg = parts
     named = spec.WORD_RELATION[rel]
     return [f"{first} {spec.RELATION_WORDS[r][0]} {second}{bg}" for r in spec.RELATIONS if r != named]
 
@@ -62,10 +68,10 @@ def edit_caption(caption: str, kind: str, rng: random.Random) -> str | None:
         a, b = found[0], next(c for c in found if c != found[0])
         return _COLOR.sub(lambda m: {a: b, b: a}.get(m.group(1), m.group(1)), caption)
     if kind == "swap_relation":
-        m = _REL.match(caption)
-        if not m:
+        parts = _relation_parts(caption)
+        if not parts:
             return None
-        first, rel, second, bg = m.group(1), m.group(2), m.group(3), m.group(4) or ""
+        first, rel, second, bg = parts
         if rng.random() < 0.5:  # swap the objects ...
             return f"{second} {rel} {first}{bg}"
         return flip_relation(caption)  # ... or flip the relation

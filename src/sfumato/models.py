@@ -62,7 +62,8 @@ def text_encoder_from_clip(clip):
 
 
 def bidirectional_text_encoder(text_encoder):
-    """The same text tower with its causal mask lifted, so every token reads the whole prompt.
+    """The same text tower with its causal mask lifted, so every token reads the whole prompt (a
+    tower that is bidirectional already, e.g. one trained on from such a run, is returned as it is).
 
     In a causal tower the first-named object's tokens never see the relation that follows them ("a red
     circle | to the left of a blue square"), so only later tokens can tell the UNet where it goes.
@@ -75,6 +76,8 @@ def bidirectional_text_encoder(text_encoder):
     from transformers import MegatronBertConfig, MegatronBertModel
 
     c = text_encoder.config
+    if c.model_type != "clip_text_model":
+        return text_encoder
     config = MegatronBertConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
         num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size, hidden_act=c.hidden_act,
@@ -95,7 +98,9 @@ def bidirectional_text_encoder(text_encoder):
         for a, b in names.items():
             for p in ("weight", "bias"):
                 dst[f"encoder.layer.{i}.{b}.{p}"] = src[f"encoder.layers.{i}.{a}.{p}"]
-    enc.load_state_dict(dst, strict=False)
+    missing, unexpected = enc.load_state_dict(dst, strict=False)
+    if unexpected or any(not k.startswith("pooler.") for k in missing):
+        raise RuntimeError(f"CLIP text tower to MegatronBert: missing {missing}, unexpected {unexpected}")
     return enc
 
 

@@ -223,7 +223,7 @@ def run_unet(run) -> dict:
     tok = load_tokenizer(run.work / "tokenizer")
     trains_text = cfg.unet.text_encoder_lr > 0
     text_encoder = load_text_encoder(run.work / "text_encoder")
-    if cfg.unet.text_bidirectional and text_encoder.config.model_type == "clip_text_model":
+    if cfg.unet.text_bidirectional:
         text_encoder = bidirectional_text_encoder(text_encoder)
     text_encoder = text_encoder.to(dev).eval().requires_grad_(trains_text)
     vae = AutoencoderKL.from_pretrained(run.work / "vae").to(dev).eval().requires_grad_(False)

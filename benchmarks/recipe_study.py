@@ -94,6 +94,8 @@ ARMS: dict[str, list[str]] = {
     # lownoise with three times the digit pairs: after digitlow, to bring the layout back while the
     # digits keep some practice
     "digitkeep": [*LOWNOISE, "data.shapes_mix=text=3"],
+    # digitkeep with the bidirectional tower (bidir's binding gain), grown from the digit chain
+    "bidirkeep": [*LOWNOISE, "data.shapes_mix=text=3", "unet.text_bidirectional=True"],
     # a diagnostic, not a recipe: lownoise with half the pairs digits and the noise levels leaning low
     # (median t/T 0.27 in the logit-normal half). Does the UNet learn to finish digit strokes when
     # most of its practice is just that?
@@ -334,7 +336,9 @@ def run_arm(args) -> None:
         log(f"{name} {kind}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[kind].items()))
     for kind in (["ema", "raw"] if args.eval_raw else ["ema"]):
         pipe = load(work / f"model-{kind}")
-        res = evaluate_compositional(pipe, work / f"eval-{kind}", per_category=args.per_category, progress=False)
+        # the UNet alone: layout search would hide what the recipe does to position
+        res = evaluate_compositional(pipe, work / f"eval-{kind}", per_category=args.per_category, progress=False,
+                                     layout_search=0)
         result[kind]["compositional"] = res["overall"]
         result[kind]["per_category"] = res["per_category"]
         result[kind]["eval_seconds_per_image"] = res["seconds_per_image"]
@@ -391,7 +395,8 @@ def eval_snapshots(args) -> None:
             shutil.rmtree(folder / "text_encoder")
             shutil.copytree(tower, folder / "text_encoder")
         shutil.copytree(sched_dir, folder / "scheduler")
-        res = evaluate_compositional(load(folder), snap / "eval", per_category=args.per_category, progress=False)
+        res = evaluate_compositional(load(folder), snap / "eval", per_category=args.per_category, progress=False,
+                                     layout_search=0)
         res_path.write_text(json.dumps({"minutes": float(snap.name.split("min")[0]), **res}, indent=1))
         log(f"{args.run} {snap.name}: compositional {res['overall']:.3f}")
 
@@ -450,6 +455,10 @@ def ship(args) -> None:
         shutil.copytree(run / "model-ema" / part, tmp)
         publish_dir(tmp, target / part)
     shutil.copytree(run / "model-ema" / "scheduler", target / "scheduler", dirs_exist_ok=True)
+    if "text_encoder" in parts:  # the tower's class may have changed (unet.text_bidirectional)
+        index = json.loads((target / "model_index.json").read_text())
+        index["text_encoder"] = json.loads((run / "model-ema" / "model_index.json").read_text())["text_encoder"]
+        (target / "model_index.json").write_text(json.dumps(index, indent=1))
     history = card.setdefault("unet_history", [{"config": card["config"]["unet"], "seconds": card["seconds"]["unet"]}])
     history.append({"config": result["config"]["unet"], "seconds": result["train_seconds"], "steps": result["steps"],
                     "threads": result["threads"], "run": args.run})

@@ -51,6 +51,10 @@ class AttentionStore:
         self.total = up if self.total is None else self.total + up
         self.calls += 1
 
+    def reset(self) -> None:
+        """Forget what was recorded (layout search keeps only its last step)."""
+        self.total, self.calls, self.grid = None, 0, 0
+
     def maps(self) -> torch.Tensor:
         if self.total is None:
             raise RuntimeError("no cross-attention was recorded (does this UNet have cross-attention layers?)")

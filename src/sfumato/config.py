@@ -349,6 +349,7 @@ MAX_SIDE = 2048
 MAX_STEPS = 1000
 MAX_IMAGES = 256
 MAX_GUIDANCE = 50.0
+MAX_LAYOUT_SEARCH = 16  # candidate noises per image
 
 
 @dataclass
@@ -365,6 +366,7 @@ class GenerationSettings:
     width: int = 0  # 0: the model's native size
     height: int = 0
     strength: float | None = None  # img2img / inpainting
+    layout_search: int = 8  # candidate noises for a prompt that names a spatial relation (sfumato.layout); 0: off
     extra: dict = field(default_factory=dict)
 
     def parameters(self, model_name: str, model_hash: str) -> str:

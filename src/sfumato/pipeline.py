@@ -26,15 +26,16 @@ import torch
 from PIL import Image
 
 from .attention import capture_cross_attention
-from .config import (DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_SIDE, MAX_STEPS, GenerationSettings,
-                     parse_parameters)
+from .config import (DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_LAYOUT_SEARCH, MAX_SIDE, MAX_STEPS,
+                     GenerationSettings, parse_parameters)
 from .data import to_model_range
 from .errors import SfumatoError, UsageError
 from .files import sha256_bytes
 from .models import load_text_encoder, quiet_libraries
 from .prompts import check_weights, tokenize
 from .prompts import encode as encode_prompt_syntax
-from .sampling import decode_latents, denoise, seeded_noise
+from .layout import candidate_seeds, find_relation, look_ahead, margins
+from .sampling import decode_latents, denoise, noise_of_seeds, seeded_noise
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
 __all__ = ["DEFAULT_MODEL", "FAST_UNET", "SCHEDULERS", "GenerationSettings", "Pipeline", "load", "make_scheduler",
@@ -213,6 +214,9 @@ class Pipeline:
             raise UsageError(f"--num-images must be between 1 and {MAX_IMAGES}, got {n}")
         if not 0 <= s.guidance <= MAX_GUIDANCE:
             raise UsageError(f"--guidance must be between 0 and {MAX_GUIDANCE:g}, got {s.guidance}")
+        if not 0 <= s.layout_search <= MAX_LAYOUT_SEARCH:
+            raise UsageError(f"--layout-search must be between 0 and {MAX_LAYOUT_SEARCH} candidate noises, "
+                             f"got {s.layout_search}")
         if s.strength is not None and not 0 <= s.strength <= 1:
             raise UsageError(f"--strength must be between 0 and 1, got {s.strength}")
         make_scheduler(s.scheduler, self.scheduler_config)  # unknown names fail here
@@ -279,6 +283,10 @@ class Pipeline:
         shape = (unet.config.in_channels, s.height // self.factor, s.width // self.factor)
         noise, gens = seeded_noise(shape, n, s.seed, self.device)
         doubled = s.guidance != 1.0 and unet.config.time_cond_proj_dim is None  # an unconditional half
+        drawn = self._search_layouts(unet, s, texts, batches, shape, doubled) if init is None else {}
+        for i, seed in drawn.items():
+            one, gen = noise_of_seeds(shape, [seed], self.device)
+            noise[i], gens[i] = one[0], gen[0]
         recording = capture_cross_attention(unet, s.height, s.width, cfg=doubled) if capture else nullcontext()
         with recording as store:
             if init is not None and round(s.steps * s.strength) == 0:
@@ -300,10 +308,41 @@ class Pipeline:
         images = []
         for i, a in enumerate(pixels):
             img = Image.fromarray(a)
-            img.info["parameters"] = dataclasses.replace(s, prompt=texts[i], seed=s.seed + i).parameters(self.name,
-                                                                                                      self.hash)
+            extra = {**s.extra, "Layout search": s.layout_search, "Layout seed": drawn[i]} if i in drawn else s.extra
+            img.info["parameters"] = dataclasses.replace(s, prompt=texts[i], seed=s.seed + i, extra=extra).parameters(
+                self.name, self.hash)
             images.append(img)
         return (images, store.maps()) if capture else images
+
+    def _search_layouts(self, unet, s: GenerationSettings, texts: list[str], batches, shape, doubled: bool
+                        ) -> dict[int, int]:
+        """Layout search (sfumato.layout): for each image whose prompt names one spatial relation, the
+        seed among s.layout_search candidates whose first half of sampling puts the two objects' words
+        most clearly in that relation (the image's own seed is candidate 0)."""
+        drawn: dict[int, int] = {}
+        if s.layout_search < 2:
+            return drawn
+        until = look_ahead(s.steps)
+        for idx, cond, uncond in batches:
+            for j, i in enumerate(idx):
+                rel = find_relation(self.tokenizer, texts[i])
+                if rel is None:
+                    continue
+                seeds = candidate_seeds(s.seed + i, s.layout_search)
+                noise, gens = noise_of_seeds(shape, seeds, self.device)
+                k = len(seeds)
+                sched = make_scheduler(s.scheduler, self.scheduler_config)
+                with capture_cross_attention(unet, s.height, s.width, cfg=doubled, finest=True) as store:
+
+                    def keep_last_step(state):
+                        if state["i"] + 1 < until:
+                            store.reset()
+
+                    denoise(unet, sched, cond[j:j + 1].expand(k, -1, -1), uncond[j:j + 1].expand(k, -1, -1), noise,
+                            s.steps, s.guidance, keep_last_step, gens, until=until)
+                score = margins(store.maps(), rel)
+                drawn[i] = seeds[max(range(k), key=score.__getitem__)]
+        return drawn
 
     def _init_latents(self, init_image, mask, s: GenerationSettings) -> dict | None:
         if init_image is None:

@@ -34,8 +34,13 @@ def guidance_embedding(guidance: torch.Tensor, dim: int) -> torch.Tensor:
 def seeded_noise(shape: tuple[int, ...], n: int, seed: int, device="cpu"):
     """Initial noise for n images, image i from its own generator seeded seed + i, so an image
     does not depend on how many were drawn with it. Returns (noise, generators); stochastic
-    samplers (Euler a, DDPM) draw their per-step noise from the same generators."""
-    gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    samplers (Euler a, DDPM, LCM) draw their per-step noise from the same generators."""
+    return noise_of_seeds(shape, [seed + i for i in range(n)], device)
+
+
+def noise_of_seeds(shape: tuple[int, ...], seeds: list[int], device="cpu"):
+    """seeded_noise for a list of seeds, one image each."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
     return noise, gens
 
@@ -45,8 +50,8 @@ def denoise(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, noise: to
             guidance: float, callback: Callable[[dict], None] | None = None,
             generator: list[torch.Generator] | torch.Generator | None = None,
             init_latents: torch.Tensor | None = None, strength: float = 1.0,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the sampler from `noise` to x0 latents.
+            mask: torch.Tensor | None = None, until: int | None = None) -> torch.Tensor:
+    """Run the sampler from `noise` to x0 latents (with `until`: stop after that many steps).
 
     With `init_latents` (img2img), the first (1 - strength) of the schedule is skipped and sampling
     starts from the noised init; with `mask` (inpainting, 1 = repaint) the unmasked latents are put
@@ -75,7 +80,7 @@ def denoise(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, noise: to
     guided = {} if w_emb is None else {"timestep_cond": w_emb}
     context = torch.cat([uncond, cond]) if use_cfg else cond
     extra = {"generator": generator} if generator is not None and "generator" in _step_params(scheduler) else {}
-    for i, t in enumerate(timesteps):
+    for i, t in enumerate(timesteps if until is None else timesteps[:until * scheduler.order]):
         # 2. the model input, doubled for guidance
         x = torch.cat([latents] * 2) if use_cfg else latents
         x = scheduler.scale_model_input(x, t)

@@ -29,6 +29,8 @@ def eval_compositional(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help=f"Sampler name (default: the model's, else "
                                             f"{S.scheduler})."),
     category: Optional[list[str]] = typer.Option(None, "--category", help="Only these categories (repeatable)."),
+    layout_search: int = typer.Option(S.layout_search, "--layout-search", help="Candidate noises for prompts that "
+                                      "name a relation (as `generate`); 0: the UNet's own layouts."),
 ) -> None:
     """Generate prompts of every GenEval-style category and judge each image with the scene checker."""
     from ..evaluate import evaluate_compositional
@@ -42,7 +44,8 @@ def eval_compositional(
     if not 1 <= per_category <= 10_000:
         raise UsageError(f"--per-category must be between 1 and 10000, got {per_category}")
     pipe = load(model)
-    r = evaluate_compositional(pipe, out_dir, per_category, seed, steps, guidance, scheduler, cats)
+    r = evaluate_compositional(pipe, out_dir, per_category, seed, steps, guidance, scheduler, cats,
+                               layout_search=layout_search)
     out.print(f"overall {r['overall']:.3f}  ({per_category} prompts per category, {r['seconds_per_image']:.2f} s/image)")
     for c, rate in r["per_category"].items():
         out.print(f"  {c:<18} {rate:.3f}")

@@ -52,6 +52,9 @@ def generate_cmd(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Sampler name (see --list-schedulers; "
                                             f"default: the model's, else {S.scheduler})."),
     size: str = typer.Option("", "--size", help="N or WxH pixels (default: the model's native size)."),
+    layout_search: int = typer.Option(S.layout_search, "--layout-search", help="For a prompt naming a spatial "
+                                      "relation ('A left of B'): candidate noises tried, the one whose layout "
+                                      "follows the relation is drawn; 0 off."),
     init_image: Optional[Path] = typer.Option(None, "--init-image", help="Start from this image (img2img)."),
     strength: float = typer.Option(DEFAULT_STRENGTH, "--strength", help="img2img: how much of the schedule to re-run (0-1)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Inpainting mask (white = repaint), same size as --init-image."),
@@ -90,7 +93,8 @@ def generate_cmd(
         raise UsageError("--neighbours K and --index INDEX go together")
     pipe = load(model)
     settings = pipe.settings("", negative=negative, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
-                             width=w, height=h, strength=strength if init_image is not None else None)
+                             width=w, height=h, strength=strength if init_image is not None else None,
+                             layout_search=layout_search)
     after = _after_image(pipe, audit, neighbours, index) if (audit or neighbours) else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

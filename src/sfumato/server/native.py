@@ -42,6 +42,8 @@ class GenerateRequest(Strict):
     mask: Optional[str] = Field(None, description="Base64 inpainting mask (white = repaint).")
     strength: float = DEFAULT_STRENGTH
     explain: bool = Field(False, description="Also return a heat map per word of the prompt.")
+    layout_search: int = Field(S.layout_search, description="Candidate noises for a prompt that names a spatial "
+                               "relation ('A left of B'); the one whose layout follows it is drawn; 0: off.")
 
 
 class SearchRequest(Strict):

@@ -9,11 +9,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..errors import UsageError
-from ..config import DEFAULT_STRENGTH, GenerationSettings
+from ..config import DEFAULT_STRENGTH, MAX_LAYOUT_SEARCH, GenerationSettings
 from ..config import GenerationSettings as S
 from .jobs import Job, Stopped
 from .limits import Limits, check_cost
 from ..images import png_bytes
+from ..layout import find_relation, look_ahead
 from .media import data_url, decode_b64_image, latent_preview
 
 
@@ -41,7 +42,7 @@ class GenSpec(GenerationSettings):
 def prepare(models, limits: Limits, prompt: str, negative: str = S.negative, seed: int = S.seed,
             steps: int | None = None, guidance: float | None = None, scheduler: str | None = None, width: int = S.width,
             height: int = S.height, n: int = 1, init_image: str | None = None, mask: str | None = None,
-            strength: float = DEFAULT_STRENGTH, explain: bool = False) -> GenSpec:
+            strength: float = DEFAULT_STRENGTH, explain: bool = False, layout_search: int = S.layout_search) -> GenSpec:
     """Check a request against the server's limits and the model (Pipeline.check), decode its images.
     Steps, guidance and scheduler not given are the model's own defaults (Pipeline.settings).
 
@@ -63,10 +64,15 @@ def prepare(models, limits: Limits, prompt: str, negative: str = S.negative, see
     check_range("seed", seed, 0, 2**32 - 1)
     if mask is not None and init_image is None:
         raise UsageError("a mask needs an init image")
+    check_range("layout search", layout_search, 0, MAX_LAYOUT_SEARCH)
     if width % pipe.multiple == 0 and height % pipe.multiple == 0:  # else pipe.check names the rule
         check_cost(width or pipe.native, height or pipe.native, pipe.native, steps, n, limits)
+        if layout_search > 1 and init_image is None and find_relation(pipe.tokenizer, prompt):
+            # the candidates' look-ahead is a job of its own size: layout_search images per image
+            check_cost(width or pipe.native, height or pipe.native, pipe.native, look_ahead(steps), n * layout_search,
+                       limits)
     spec = GenSpec(prompt, negative, seed, steps, guidance, scheduler, width, height,
-                   strength if init_image is not None else None, n=n, explain=explain)
+                   strength if init_image is not None else None, layout_search, n=n, explain=explain)
     if init_image is not None:
         spec.init_image = decode_b64_image(init_image, limits.max_pixels, "init image")
         if mask is not None:

@@ -96,6 +96,8 @@ ARMS: dict[str, list[str]] = {
     "digitkeep": [*LOWNOISE, "data.shapes_mix=text=3"],
     # digitkeep with the bidirectional tower (bidir's binding gain), grown from the digit chain
     "bidirkeep": [*LOWNOISE, "data.shapes_mix=text=3", "unet.text_bidirectional=True"],
+    # digitkeep with the grounding loss at 0.1: sharper word maps for layout search to read
+    "groundkeep": [*LOWNOISE, "data.shapes_mix=text=3", "unet.grounding_weight=0.1"],
     # a diagnostic, not a recipe: lownoise with half the pairs digits and the noise levels leaning low
     # (median t/T 0.27 in the logit-normal half). Does the UNet learn to finish digit strokes when
     # most of its practice is just that?

@@ -359,6 +359,14 @@ def test_job_time_limit(kit):
         assert r.status_code == 504 and "time limit" in detail(r)
 
 
+def test_generate_draws_a_relation_with_layout_search_and_says_so(client):
+    body = {"prompt": "a red circle to the left of a blue square", "steps": 2, "seed": 3}
+    searched = read_events(client, client.post("/v1/generate", json=body).json()["id"])[-1][1]
+    plain = read_events(client, client.post("/v1/generate", json={**body, "layout_search": 0}).json()["id"])[-1][1]
+    assert "Layout search: 8, Layout seed: " in searched["images"][0]["parameters"]
+    assert "Layout" not in plain["images"][0]["parameters"]
+
+
 # ---------------------------------------------------------------- limits
 
 
@@ -375,6 +383,7 @@ def test_job_time_limit(kit):
     ({"prompt": "x", "negative": "y" * 2000}, "limit is 1000"),
     ({"prompt": "  "}, "the prompt is empty"),
     ({"prompt": "x", "seed": 2**40}, "seed must be between"),
+    ({"prompt": "x", "layout_search": 17}, "layout search must be between 0 and 16, got 17"),
     ({"prompt": "x", "stepz": 3}, "stepz: Extra inputs are not permitted"),
     ({"prompt": "x", "steps": "many"}, "steps: "),
 ])

@@ -4,9 +4,9 @@
 
 Sides, all on the same folder at its native size, after one warm-up call each:
   default    sfumato with the folder's own defaults (a model carrying a distilled UNet: LCM, few steps)
-             and its ONNX export where it has one (`sfumato export`); a prompt that names a relation
-             (as the default one does) is drawn with layout search (sfumato.layout);
-  no-search  the same with layout search off (what the search costs);
+             and its ONNX export where it has one (`sfumato export`);
+  search     the same with layout search over 8 noises (sfumato.layout; the default prompt names a
+             relation, so this is what the search costs);
   torch      the same settings with PyTorch modules only (what the export buys);
   full       sfumato's full sampler on the folder's own UNet (DPM++ 2M, 20 steps, CFG), PyTorch
              (only for a folder that carries a distilled UNet: otherwise it is `default`);
@@ -59,10 +59,10 @@ def _worker(kind: str, model: str, n: int, prompt: str) -> dict:
         import sfumato
         from sfumato.config import DEFAULT_SCHEDULER
 
-        pipe = sfumato.load(model, onnx=False if kind not in ("default", "no-search") else None)
+        pipe = sfumato.load(model, onnx=False if kind not in ("default", "search") else None)
         device, size = pipe.device, pipe.native
         ask = {"scheduler": pipe.full_defaults.get("scheduler", DEFAULT_SCHEDULER)} if kind == "full" else {}
-        ask = {"layout_search": 0} if kind == "no-search" else ask
+        ask = {"layout_search": 8} if kind == "search" else ask
         base = pipe.settings(prompt, **ask)  # the folder's own defaults
         steps, cfg, sampler = base.steps, base.guidance, base.scheduler
         sampler += " (ONNX)" if pipe.graphs else ""
@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--fast", type=Path, default=None, help="a distilled folder of the same model, run with its defaults")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
-    ap.add_argument("--worker", choices=("default", "no-search", "torch", "full", "diffusers"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("default", "search", "torch", "full", "diffusers"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.n < 1:
         ap.error("--n must be at least 1")
@@ -144,7 +144,7 @@ def main() -> None:
     if not args.model.is_dir():
         ap.error(f"--model {args.model} is not a folder")
 
-    sides = ["default", "no-search", "torch"]
+    sides = ["default", "search", "torch"]
     if (args.model / "unet_lcm").is_dir():
         sides.append("full")
     res = {k: _run_child(k, args) for k in (*sides, "diffusers")}

@@ -98,6 +98,9 @@ ARMS: dict[str, list[str]] = {
     "bidirkeep": [*LOWNOISE, "data.shapes_mix=text=3", "unet.text_bidirectional=True"],
     # digitkeep with the grounding loss at 0.1: sharper word maps for layout search to read
     "groundkeep": [*LOWNOISE, "data.shapes_mix=text=3", "unet.grounding_weight=0.1"],
+    # practice, as digitlow was for digits: half the pairs name a relation (position x9), the layout
+    # recipe's noise levels (relations are decided at high noise, not low)
+    "posheavy": [*LOWNOISE, "data.shapes_mix=position=9"],
     # a diagnostic, not a recipe: lownoise with half the pairs digits and the noise levels leaning low
     # (median t/T 0.27 in the logit-normal half). Does the UNet learn to finish digit strokes when
     # most of its practice is just that?

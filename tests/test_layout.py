@@ -107,7 +107,7 @@ def test_search_draws_the_best_scored_candidate_and_says_which(pipe, monkeypatch
     chosen = 5
     monkeypatch.setattr(sfumato.pipeline, "margins",
                         lambda maps, rel: [1.0 if i == chosen else 0.0 for i in range(len(maps))])
-    img = pipe.generate(GenerationSettings(REL_PROMPT, seed=3, steps=4))[0]
+    img = pipe.generate(GenerationSettings(REL_PROMPT, seed=3, steps=4, layout_search=8))[0]
     info = parse_parameters(img.info["parameters"])
     assert info["Layout search"] == "8" and int(info["Layout seed"]) == candidate_seeds(3, 8)[chosen]
     again = pipe.generate(GenerationSettings(REL_PROMPT, seed=int(info["Layout seed"]), steps=4, layout_search=0))[0]
@@ -119,14 +119,16 @@ def test_search_reads_only_the_look_ahead(pipe, monkeypatch):
     calls = []
     real = sfumato.pipeline.denoise
     monkeypatch.setattr(sfumato.pipeline, "denoise", lambda *a, **k: calls.append(k.get("until")) or real(*a, **k))
-    pipe.generate(GenerationSettings(REL_PROMPT, seed=0, steps=6))
+    pipe.generate(GenerationSettings(REL_PROMPT, seed=0, steps=6, layout_search=8))
     assert calls[0] == 3 and calls[1] is None  # candidates to step 3, then the image itself
 
 
-@pytest.mark.parametrize("case", ["no relation", "off", "one candidate", "img2img"])
+@pytest.mark.parametrize("case", ["no relation", "off", "one candidate", "img2img", "default"])
 def test_search_is_skipped_where_it_cannot_apply(pipe, case):
     s = GenerationSettings("a red circle and a blue square" if case == "no relation" else REL_PROMPT, seed=2, steps=3,
                            layout_search={"off": 0, "one candidate": 1}.get(case, 8))
+    if case == "default":  # opt-in: a plain request draws the seed it names
+        s = GenerationSettings(REL_PROMPT, seed=2, steps=3)
     init = Image.new("RGB", (32, 32), (200, 30, 30)) if case == "img2img" else None
     img = pipe.generate(s, init_image=init)[0]
     assert "Layout seed" not in img.info["parameters"]
@@ -137,7 +139,7 @@ def test_search_is_skipped_where_it_cannot_apply(pipe, case):
 
 def test_each_prompt_of_a_batch_is_searched_alone(pipe):
     prompts = ["a red circle", REL_PROMPT, "a blue square above a red circle"]
-    images = pipe.generate(GenerationSettings(prompts[0], seed=10, steps=3), prompts=prompts)
+    images = pipe.generate(GenerationSettings(prompts[0], seed=10, steps=3, layout_search=8), prompts=prompts)
     seeds = [parse_parameters(i.info["parameters"]).get("Layout seed") for i in images]
     assert seeds[0] is None and int(seeds[1]) in candidate_seeds(11, 8) and int(seeds[2]) in candidate_seeds(12, 8)
 

@@ -361,8 +361,8 @@ def test_job_time_limit(kit):
 
 def test_generate_draws_a_relation_with_layout_search_and_says_so(client):
     body = {"prompt": "a red circle to the left of a blue square", "steps": 2, "seed": 3}
-    searched = read_events(client, client.post("/v1/generate", json=body).json()["id"])[-1][1]
-    plain = read_events(client, client.post("/v1/generate", json={**body, "layout_search": 0}).json()["id"])[-1][1]
+    searched = read_events(client, client.post("/v1/generate", json={**body, "layout_search": 8}).json()["id"])[-1][1]
+    plain = read_events(client, client.post("/v1/generate", json=body).json()["id"])[-1][1]
     assert "Layout search: 8, Layout seed: " in searched["images"][0]["parameters"]
     assert "Layout" not in plain["images"][0]["parameters"]
 

@@ -368,7 +368,9 @@ class GenerationSettings:
     width: int = 0  # 0: the model's native size
     height: int = 0
     strength: float | None = None  # img2img / inpainting
-    layout_search: int = 8  # candidate noises for a prompt that names a spatial relation (sfumato.layout); 0: off
+    # Candidate noises for a prompt that names a spatial relation (sfumato.layout); 0: off. Opt-in: it
+    # chooses among samples, so what the model draws by itself is measured without it.
+    layout_search: int = 0
     extra: dict = field(default_factory=dict)
 
     def parameters(self, model_name: str, model_hash: str) -> str:

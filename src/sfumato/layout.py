@@ -10,9 +10,10 @@ and the cross-attention of A's and B's last words (their heads: "a red *circle*"
 sampled as usual. Like diffusers' Attend-and-Excite it reads the model's own attention while
 sampling; unlike it, no latent is changed, so the image is one the model draws from that noise.
 
-Written here: no library chooses noises by attention. Candidate 0 is the image's own seed; the
-seed drawn is written into the PNG's parameters ("Layout seed"), so `--seed S --layout-search 0`
-draws the same image again.
+Opt-in (`--layout-search 8`): it is a choice among samples, so the model's own scores (`sfumato
+eval compositional`) are measured without it. Written here: no library chooses noises by attention.
+Candidate 0 is the image's own seed; the seed drawn is written into the PNG's parameters ("Layout
+seed"), so `--seed S` with the search off draws the same image again.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def centroid(m: torch.Tensor) -> tuple[float, float]:
     m = (m - m.mean()).clamp_min(0)
     h, w = m.shape
     total = m.sum().clamp_min(1e-12)
-    ys = torch.arange(h, dtype=m.dtype)[:, None]
-    xs = torch.arange(w, dtype=m.dtype)[None, :]
+    ys = torch.arange(h, dtype=m.dtype, device=m.device)[:, None]
+    xs = torch.arange(w, dtype=m.dtype, device=m.device)[None, :]
     return float((m * xs).sum() / total), float((m * ys).sum() / total)
 
 

@@ -31,10 +31,10 @@ from .config import (DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_LAYOUT_SEAR
 from .data import to_model_range
 from .errors import SfumatoError, UsageError
 from .files import sha256_bytes
+from .layout import candidate_seeds, find_relation, look_ahead, margins
 from .models import load_text_encoder, quiet_libraries
 from .prompts import check_weights, tokenize
 from .prompts import encode as encode_prompt_syntax
-from .layout import candidate_seeds, find_relation, look_ahead, margins
 from .sampling import decode_latents, denoise, noise_of_seeds, seeded_noise
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"

@@ -30,7 +30,7 @@ def eval_compositional(
                                             f"{S.scheduler})."),
     category: Optional[list[str]] = typer.Option(None, "--category", help="Only these categories (repeatable)."),
     layout_search: int = typer.Option(S.layout_search, "--layout-search", help="Candidate noises for prompts that "
-                                      "name a relation (as `generate`); 0: the UNet's own layouts."),
+                                      "name a relation (as `generate`); 0: single samples, the model's own layouts."),
 ) -> None:
     """Generate prompts of every GenEval-style category and judge each image with the scene checker."""
     from ..evaluate import evaluate_compositional

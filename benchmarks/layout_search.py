@@ -7,7 +7,10 @@ judges every final image. Printed: the pass rate of the image's own seed, of a r
 of the best candidate (an oracle), and of the candidate layout search would keep if it chose after
 step s, for s = 1 .. steps and for the first k of the K candidates.
 
-    python benchmarks/layout_search.py --n 50 --seed 0 --threads 1
+    python benchmarks/layout_search.py --n 50 --seed 0 --threads 1 [--grid docs/layout-search.png]
+
+--grid draws the first 8 prompts twice: as their own seed draws them, and as layout search with
+--k candidates draws them (the candidate chosen after half the steps), checker verdicts framed.
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (prompts and images, as sfumato eval)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="write every candidate's margins and verdicts here (JSON)")
+    p.add_argument("--grid", type=Path, default=None, help="a PNG of the first 8 prompts without and with the search")
     args = p.parse_args()
 
     from PIL import Image
 
     from sfumato.attention import capture_cross_attention
     from sfumato.evaluate import evaluation_prompts
-    from sfumato.layout import candidate_seeds, find_relation, margins
+    from sfumato.layout import candidate_seeds, find_relation, look_ahead, margins
     from sfumato.pipeline import load, make_scheduler
     from sfumato.sampling import decode_latents, denoise, noise_of_seeds
     from sfumato.shapesworld.checker import judge
@@ -59,6 +63,7 @@ def main() -> None:
     shape = (unet.config.in_channels, size // pipe.factor, size // pipe.factor)
     prompts = [(k, t) for k, (c, t) in enumerate(evaluation_prompts(args.n, args.seed)) if c == "position"][:args.n]
     rows, t0 = [], time.perf_counter()
+    shown: list[tuple] = []  # (image, label, passed): own seed, then the search's choice
     for k, prompt in prompts:
         rel = find_relation(pipe.tokenizer, prompt)
         states, _ = pipe.encode([prompt, ""])
@@ -79,6 +84,10 @@ def main() -> None:
                               s.steps, s.guidance, read_step, gens)
         pixels = decode_latents(pipe.vae, latents).numpy()
         passed = [bool(judge(Image.fromarray(a), prompt).passed) for a in pixels]
+        if len(shown) < 16:
+            pick = max(range(len(seeds)), key=per_step[look_ahead(s.steps) - 1].__getitem__)
+            shown += [(Image.fromarray(pixels[0]), f"{prompt} (own seed)", passed[0]),
+                      (Image.fromarray(pixels[pick]), f"{prompt} (search {args.k})", passed[pick])]
         rows.append({"k": k, "prompt": prompt, "relation": rel.relation, "pass": passed, "margins": per_step,
                      "words": words})
         print(f"{k} {prompt!r}: own seed {'pass' if passed[0] else 'fail'}, {sum(passed)}/{len(seeds)} candidates pass",
@@ -100,6 +109,12 @@ def main() -> None:
         print(f"| {step + 1} | " + " | ".join(f"{picked(step, k):.2f}" for k in ks) + " |")
     if args.out:
         args.out.write_text(json.dumps(rows))
+    if args.grid:
+        from sfumato.viz import make_grid
+
+        order = shown[0::2] + shown[1::2]  # own seeds on top, the search's choices below
+        make_grid([i for i, _, _ in order], [t for _, t, _ in order], cols=len(order) // 2,
+                  marks=[m for _, _, m in order]).save(args.grid)
 
 
 if __name__ == "__main__":

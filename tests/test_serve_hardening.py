@@ -285,6 +285,20 @@ def test_hires_fix_is_checked_as_one_job(kit):
         assert c.post("/sdapi/v1/txt2img", json={**body, "denoising_strength": 0.3}).status_code == 200
 
 
+def test_layout_search_counts_against_the_job_cost(kit):
+    """Its look-ahead (8 candidates x half the steps per image) is checked before queueing, and named."""
+    from sfumato.server import Limits
+
+    with make_client(kit, limits=Limits(max_cost=50)) as c:
+        wait_ready(c)
+        body = {"prompt": "a red circle to the left of a blue square", "steps": 20, "layout_search": 8}
+        r = c.post("/v1/generate", json=body)
+        assert r.status_code == 422 and "layout search over 8 noises" in detail(r), r.json()
+        assert "over the limit per job" in detail(r), detail(r)
+        assert c.post("/v1/generate", json={**body, "steps": 8}).status_code == 202  # 8 + 4 x 8 = 40
+        assert c.post("/v1/generate", json={**body, "prompt": "a red circle"}).status_code == 202  # no relation
+
+
 def test_a_cancel_stops_within_one_layer_not_one_step(kit):
     """The cancel lands before the next UNet layer runs, not after the rest of the sampler step."""
     from diffusers.models.resnet import ResnetBlock2D

@@ -68,9 +68,12 @@ def prepare(models, limits: Limits, prompt: str, negative: str = S.negative, see
     if width % pipe.multiple == 0 and height % pipe.multiple == 0:  # else pipe.check names the rule
         check_cost(width or pipe.native, height or pipe.native, pipe.native, steps, n, limits)
         if layout_search > 1 and init_image is None and find_relation(pipe.tokenizer, prompt):
-            # the candidates' look-ahead is a job of its own size: layout_search images per image
-            check_cost(width or pipe.native, height or pipe.native, pipe.native, look_ahead(steps), n * layout_search,
-                       limits)
+            # the look-ahead draws layout_search candidates at a time, once per image, for half the steps
+            try:
+                check_cost(width or pipe.native, height or pipe.native, pipe.native, look_ahead(steps) * n,
+                           layout_search, limits)
+            except UsageError as e:
+                raise UsageError(f"layout search over {layout_search} noises: {e}") from None
     spec = GenSpec(prompt, negative, seed, steps, guidance, scheduler, width, height,
                    strength if init_image is not None else None, layout_search, n=n, explain=explain)
     if init_image is not None:

@@ -23,13 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-# The relation phrases, longest first so "to the left of" wins over "left of".
-RELATION_PHRASES = {
-    "left": ("to the left of", "on the left of", "on the left side of", "left of"),
-    "right": ("to the right of", "on the right of", "on the right side of", "right of"),
-    "above": ("on top of", "above", "over"),
-    "below": ("underneath", "beneath", "below", "under"),
-}
+from .shapesworld import spec
+
+# ShapesWorld's relation wordings and a few more; matched longest first ("to the left of" before "left of").
+RELATION_PHRASES = {r: (*spec.RELATION_WORDS[r], *more) for r, more in {
+    "left": ("on the left side of",), "right": ("on the right side of",), "above": (), "below": ("underneath",),
+}.items()}
 _PHRASES = sorted(((tuple(p.split()), r) for r, ps in RELATION_PHRASES.items() for p in ps),
                   key=lambda x: -len(x[0]))
 # Words that end the second object's phrase ("a blue square *on* a black background").

@@ -35,7 +35,7 @@ from .layout import candidate_seeds, find_relation, look_ahead, margins
 from .models import load_text_encoder, quiet_libraries
 from .prompts import check_weights, tokenize
 from .prompts import encode as encode_prompt_syntax
-from .sampling import decode_latents, denoise, noise_of_seeds, seeded_noise
+from .sampling import decode_latents, denoise, noise_of_seeds
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
 __all__ = ["DEFAULT_MODEL", "FAST_UNET", "SCHEDULERS", "GenerationSettings", "Pipeline", "load", "make_scheduler",
@@ -281,12 +281,9 @@ class Pipeline:
         unet = self.unet_for(s.scheduler)
         runner, decoder = self._runners(unet, s, capture)
         shape = (unet.config.in_channels, s.height // self.factor, s.width // self.factor)
-        noise, gens = seeded_noise(shape, n, s.seed, self.device)
         doubled = s.guidance != 1.0 and unet.config.time_cond_proj_dim is None  # an unconditional half
         drawn = self._search_layouts(unet, s, texts, batches, shape, doubled) if init is None else {}
-        for i, seed in drawn.items():
-            one, gen = noise_of_seeds(shape, [seed], self.device)
-            noise[i], gens[i] = one[0], gen[0]
+        noise, gens = noise_of_seeds(shape, [drawn.get(i, s.seed + i) for i in range(n)], self.device)
         recording = capture_cross_attention(unet, s.height, s.width, cfg=doubled) if capture else nullcontext()
         with recording as store:
             if init is not None and round(s.steps * s.strength) == 0:

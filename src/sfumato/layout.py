@@ -82,14 +82,20 @@ def find_relation(tokenizer, prompt: str) -> Relation | None:
     return Relation(relation, words[a][0], words[b][0], tuple(words[a][1]), tuple(words[b][1]))
 
 
-def centroid(m: torch.Tensor) -> tuple[float, float]:
-    """(x, y) centre of the part of an (H, W) map above its mean: where a word's attention gathers."""
+def soft_centre(m: torch.Tensor) -> torch.Tensor:
+    """(x, y) centre of the part of an (H, W) map above its mean, as a tensor that keeps gradients."""
     m = (m - m.mean()).clamp_min(0)
     h, w = m.shape
     total = m.sum().clamp_min(1e-12)
     ys = torch.arange(h, dtype=m.dtype, device=m.device)[:, None]
     xs = torch.arange(w, dtype=m.dtype, device=m.device)[None, :]
-    return float((m * xs).sum() / total), float((m * ys).sum() / total)
+    return torch.stack([(m * xs).sum() / total, (m * ys).sum() / total])
+
+
+def centroid(m: torch.Tensor) -> tuple[float, float]:
+    """(x, y) centre of the part of an (H, W) map above its mean: where a word's attention gathers."""
+    x, y = soft_centre(m).tolist()
+    return x, y
 
 
 def relation_margin(a: tuple[float, float], b: tuple[float, float], relation: str) -> float:

@@ -45,17 +45,24 @@ def noise_of_seeds(shape: tuple[int, ...], seeds: list[int], device="cpu"):
     return noise, gens
 
 
-@torch.no_grad()
 def denoise(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor, steps: int,
             guidance: float, callback: Callable[[dict], None] | None = None,
             generator: list[torch.Generator] | torch.Generator | None = None,
             init_latents: torch.Tensor | None = None, strength: float = 1.0,
-            mask: torch.Tensor | None = None, until: int | None = None) -> torch.Tensor:
+            mask: torch.Tensor | None = None, until: int | None = None, grad: bool = False) -> torch.Tensor:
     """Run the sampler from `noise` to x0 latents (with `until`: stop after that many steps).
 
     With `init_latents` (img2img), the first (1 - strength) of the schedule is skipped and sampling
     starts from the noised init; with `mask` (inpainting, 1 = repaint) the unmasked latents are put
-    back at each step's noise level (blended diffusion)."""
+    back at each step's noise level (blended diffusion). With `grad`, gradients flow through every
+    step (training through the sampler, `sfumato.relation_reward`)."""
+    with torch.set_grad_enabled(grad):
+        return _denoise(unet, scheduler, cond, uncond, noise, steps, guidance, callback, generator,
+                        init_latents, strength, mask, until)
+
+
+def _denoise(unet, scheduler, cond, uncond, noise, steps, guidance, callback, generator, init_latents, strength,
+             mask, until):
     # 1. timesteps, and where img2img enters them
     scheduler.set_timesteps(steps, device=noise.device)
     timesteps = scheduler.timesteps
@@ -90,14 +97,17 @@ def denoise(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, noise: to
             pred_uncond, pred_cond = pred.chunk(2)
             pred = pred_uncond + guidance * (pred_cond - pred_uncond)
         # 4. one sampler step
-        latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
+        stepped = scheduler.step(pred, t, latents, **extra, return_dict=False)
+        latents = stepped[0]
         if mask is not None:
             base = init_latents
             if i + 1 < len(timesteps):
                 base = scheduler.add_noise(base, noise, timesteps[i + 1:i + 2])
             latents = mask * latents + (1 - mask) * base
         if callback is not None:
-            callback({"i": i, "t": int(t), "latents": latents, "total": len(timesteps)})
+            # x0: the step's estimate of the clean latents, where the sampler returns one (DDIM, Euler, LCM)
+            callback({"i": i, "t": int(t), "latents": latents, "total": len(timesteps),
+                      "x0": stepped[1] if len(stepped) > 1 else None})
     return latents
 
 

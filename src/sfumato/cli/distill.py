@@ -33,10 +33,20 @@ def distill_cmd(
     init: Optional[Path] = typer.Option(None, "--init", help="Go on from an earlier distilled UNet of this model "
                                         "(e.g. MODEL/unet_lcm, with --attach --overwrite)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder or unfinished run."),
+    reward_weight: float = typer.Option(0.0, "--reward-weight", help="Also train through the few-step sampler on "
+                                        "ShapesWorld relation prompts with this weight (0 = off; docs/recipe.md)."),
+    reward_batch: int = typer.Option(8, "--reward-batch", help="Relation prompts drawn per step for the reward."),
+    reward_every_step: bool = typer.Option(False, "--reward-every-step", help="Score every sampler step's estimate "
+                                           "of the image, not only the image."),
+    reward_target: str = typer.Option("pixels", "--reward-target", help="What the reward scores: pixels (the "
+                                      "decoded image) or attention (the two words' maps after half the steps)."),
 ) -> None:
     """Distil a model into a few-step one (latent consistency distillation onto LCMScheduler)."""
     from ..distill import DistillCfg, distill
 
-    path = distill(model, out_dir, DistillCfg(steps=steps, batch_size=batch_size, lr=lr, pairs=pairs, seed=seed), data,
+    path = distill(model, out_dir, DistillCfg(steps=steps, batch_size=batch_size, lr=lr, pairs=pairs, seed=seed,
+                                                reward_weight=reward_weight, reward_batch=reward_batch,
+                                                reward_every_step=reward_every_step, reward_target=reward_target),
+                   data,
                    resume=resume, overwrite=overwrite, attach=attach, init=init)
     out.print(f"few-step UNet carried in {path}" if attach else f"few-step model: {path}")

@@ -19,7 +19,7 @@ narrow, so this can only strengthen a colour that is nearly there), and a colour
 objects is asked to be one.
 
 Off by default (`sfumato distill --reward-weight`). At the budgets measured (docs/recipe.md, round
-12: up to 500 steps from the shipped few-step UNet) the UNet meets the reward by cheap routes,
+12: up to 1,000 steps from a shipped few-step UNet) the UNet meets the reward by cheap routes,
 painting a colour twice, smearing it, or drawing both words' attention to one place, and not by
 reading the relation; the shipped model does not use it.
 """

@@ -26,7 +26,6 @@ reading the relation; the shipped model does not use it.
 
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass
 
@@ -87,18 +86,23 @@ def colour_centres(images: torch.Tensor, colours: torch.Tensor, sigma: float = C
     return torch.stack([cx, cy], -1), mass, torch.stack([sx, sy], -1)
 
 
+def _placement(offset: torch.Tensor, relations: list[str], scale: float) -> torch.Tensor:
+    """Hinge (B,) on offsets (B, 2: second centre minus first, px) against the named relations: 0 with
+    at least MARGIN along the named axis and no more across than ACROSS_PER_ALONG times that."""
+    axis = torch.tensor([_AXES[r][0] for r in relations])
+    sign = torch.tensor([_AXES[r][1] for r in relations], dtype=offset.dtype)
+    along = sign * offset.gather(1, axis[:, None])[:, 0] / scale
+    across = offset.gather(1, (1 - axis)[:, None])[:, 0].abs() / scale
+    return (torch.relu(MARGIN - along) + torch.relu(across - ACROSS_PER_ALONG * along)) / MARGIN
+
+
 def relation_loss(images: torch.Tensor, prompts: list[RelationPrompt], scale: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Mean hinge loss (about 0-2; 0 when every relation holds with the generator's margin) of images
     (B, 3, H, W) in 0-1 against their prompts; `scale`: image px per 64-px unit. Metrics: the share
     of images whose two colours are present and placed as named."""
     colours = torch.tensor([[spec.COLORS[c] for c in p.colours] for p in prompts], dtype=images.dtype) / 255
     centres, mass, spread = colour_centres(images, colours)
-    offset = centres[:, 1] - centres[:, 0]  # second minus first, (B, 2)
-    axis = torch.tensor([_AXES[p.relation][0] for p in prompts])
-    sign = torch.tensor([_AXES[p.relation][1] for p in prompts], dtype=images.dtype)
-    along = sign * offset.gather(1, axis[:, None])[:, 0] / scale
-    across = offset.gather(1, (1 - axis)[:, None])[:, 0].abs() / scale
-    placed = (torch.relu(MARGIN - along) + torch.relu(across - ACROSS_PER_ALONG * along)) / MARGIN
+    placed = _placement(centres[:, 1] - centres[:, 0], [p.relation for p in prompts], scale)
     present = torch.relu(1 - mass / (MIN_MASS * scale * scale)).sum(1)  # 0 once both colours show
     # Moving a centroid is cheaper by painting a second object than by moving the first.
     split = (torch.relu(spread / scale - MAX_SPREAD) / MAX_SPREAD).sum((1, 2))
@@ -113,14 +117,9 @@ def attention_relation_loss(maps: torch.Tensor, relations: list, scale: float = 
     maps (B, T, H, W) at image size, as layout search reads them; `scale`: px per 64-px unit)."""
     from .layout import soft_centre
 
-    along, across = [], []
-    for m, rel in zip(maps, relations):
-        offset = soft_centre(m[list(rel.second_tokens)].sum(0)) - soft_centre(m[list(rel.first_tokens)].sum(0))
-        axis, sign = _AXES[rel.relation]
-        along.append(sign * offset[axis] / scale)
-        across.append(offset[1 - axis].abs() / scale)
-    along, across = torch.stack(along), torch.stack(across)
-    placed = (torch.relu(MARGIN - along) + torch.relu(across - ACROSS_PER_ALONG * along)) / MARGIN
+    offset = torch.stack([soft_centre(m[list(rel.second_tokens)].sum(0)) - soft_centre(m[list(rel.first_tokens)].sum(0))
+                          for m, rel in zip(maps, relations)])
+    placed = _placement(offset, [rel.relation for rel in relations], scale)
     return placed.mean(), {"relation_ok": (placed == 0).float().mean().item()}
 
 
@@ -131,7 +130,8 @@ class RelationReward:
     target "pixels": the decoded image is scored (relation_loss); "attention": the sampler stops
     after the steps layout search looks ahead, and the two head words' cross-attention at the finest
     layers of the last of them is scored (attention_relation_loss) — where layout search finds the
-    layout already decided, and no decoder is run."""
+    layout already decided, and no decoder is run. `scheduler` is the reward's own (it holds state):
+    pipeline.make_scheduler hands out a fresh one."""
 
     def __init__(self, pipe, scheduler, steps: int, guidance: float, batch_size: int, seed: int,
                  every_step: bool = False, target: str = "pixels"):
@@ -140,7 +140,7 @@ class RelationReward:
 
         if target not in ("pixels", "attention"):
             raise ValueError(f"reward target must be pixels or attention, got {target!r}")
-        self.vae, self.scheduler, self.steps, self.guidance = pipe.vae, copy.deepcopy(scheduler), steps, guidance
+        self.vae, self.scheduler, self.steps, self.guidance = pipe.vae, scheduler, steps, guidance  # its own (stateful)
         self.batch_size, self.every_step, self.target = batch_size, every_step, target
         self.prompts = relation_prompts(random.Random(f"sfumato-relation-reward/{seed}"), 4096)
         self.relations = [find_relation(pipe.tokenizer, p.text) for p in self.prompts]

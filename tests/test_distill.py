@@ -223,22 +223,31 @@ def test_a_carrying_model_samples_few_steps_by_default_and_keeps_its_samplers(ca
     assert not np.array_equal(np.asarray(fast_img), np.asarray(ref))
 
 
-def test_a_carrying_model_still_loads_in_plain_diffusers(carrying):
+def sample_carried_unet_in_plain_diffusers(folder):
+    """One 4-step LCM image (numpy) from a folder's carried few-step UNet, loaded by plain diffusers."""
     from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     from sfumato.pipeline import FAST_UNET
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sd = StableDiffusionPipeline.from_pretrained(carrying, safety_checker=None)
-        assert sd.unet.config.time_cond_proj_dim is None  # the full model
-        fast = UNet2DConditionModel.from_pretrained(carrying, subfolder=FAST_UNET)
+        fast = UNet2DConditionModel.from_pretrained(folder, subfolder=FAST_UNET)
         lcm = StableDiffusionPipeline.from_pretrained(
-            carrying, unet=fast, safety_checker=None,
-            scheduler=LCMScheduler.from_pretrained(carrying, subfolder="scheduler", timestep_spacing="trailing"))
+            folder, unet=fast, safety_checker=None,
+            scheduler=LCMScheduler.from_pretrained(folder, subfolder="scheduler", timestep_spacing="trailing"))
     lcm.set_progress_bar_config(disable=True)
-    img = lcm("a red circle", num_inference_steps=4, guidance_scale=4.0, output_type="np",
-              generator=torch.Generator().manual_seed(0)).images
+    return lcm("a red circle", num_inference_steps=4, guidance_scale=4.0, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+
+
+def test_a_carrying_model_still_loads_in_plain_diffusers(carrying):
+    from diffusers import StableDiffusionPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd = StableDiffusionPipeline.from_pretrained(carrying, safety_checker=None)
+    assert sd.unet.config.time_cond_proj_dim is None  # the full model
+    img = sample_carried_unet_in_plain_diffusers(carrying)
     assert img.shape == (1, 32, 32, 3) and img.std() > 0
 
 

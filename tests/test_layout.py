@@ -165,9 +165,8 @@ def test_layout_search_draws_more_position_prompts_right_with_the_shipped_model(
     torch.set_num_threads(2)
     pipe = sfumato.load()
     prompts = [(k, p) for k, (c, p) in enumerate(evaluation_prompts(20, 0)) if c == "position"]
-    rates = []
+    passes = []
     for k_candidates in (0, 8):
-        passed = [judge(pipe.generate(pipe.settings(p, seed=k, layout_search=k_candidates))[0], p).passed
-                  for k, p in prompts]
-        rates.append(sum(passed) / len(passed))
-    assert rates[1] >= rates[0] + 0.2, rates
+        passes.append(sum(judge(pipe.generate(pipe.settings(p, seed=k, layout_search=k_candidates))[0], p).passed
+                          for k, p in prompts))
+    assert passes[1] >= passes[0] + 4, passes  # at least a fifth of the 20 prompts more (counted: no float sums)

@@ -17,7 +17,7 @@ import typer
 
 from .. import __version__
 from ..errors import SfumatoError
-from . import data, distill, evaluate, explain, export, generate, search, serve, train
+from . import data, distill, evaluate, explain, export, generate, search, serve, train, tune
 from .console import console, out
 
 app = typer.Typer(help="Learn, generate, search and explain images from paired data.",
@@ -25,6 +25,7 @@ app = typer.Typer(help="Learn, generate, search and explain images from paired d
 app.add_typer(data.app, name="data")
 app.add_typer(train.app)
 app.add_typer(distill.app)
+app.add_typer(tune.app)
 app.add_typer(export.app)
 app.add_typer(generate.app)
 app.add_typer(search.app)

@@ -1,0 +1,45 @@
+"""`sfumato tune`: the few-step UNet trained on the scene checker's verdicts of its own samples.
+
+    sfumato tune MODEL --out MODEL-tuned --steps 300
+    sfumato tune MODEL --in-place --categories position,counting
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .console import out
+
+app = typer.Typer()
+
+
+@app.command("tune")
+def tune_cmd(
+    model: Path = typer.Argument(..., help="A model folder with a few-step UNet (sfumato distill --attach)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Write a tuned copy of MODEL here."),
+    in_place: bool = typer.Option(False, "--in-place", help="Replace MODEL's few-step UNet instead (at the end)."),
+    steps: int = typer.Option(300, "--steps", help="Policy updates."),
+    prompts: int = typer.Option(8, "--prompts", help="ShapesWorld prompts drawn per update."),
+    group: int = typer.Option(8, "--group", help="Samples per prompt, half of them mirrored (even)."),
+    categories: str = typer.Option("position", "--categories", help="Comma-separated evaluation categories whose "
+                                   "prompts are drawn."),
+    lr: float = typer.Option(1e-4, "--lr"),
+    partial: float = typer.Option(0.5, "--partial", help="Reward for the right objects with the relation wrong."),
+    kl: float = typer.Option(0.0, "--kl", help="Weight of each step's divergence from the starting UNet."),
+    no_mirror: bool = typer.Option(False, "--no-mirror", help="Independent noise for every sample of a group."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompts and noise drawn."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder or unfinished run."),
+) -> None:
+    """Tune a few-step model on the ShapesWorld scene checker's verdicts (group-relative policy gradient)."""
+    from ..reward_tuning import TuneCfg, tune
+
+    cfg = TuneCfg(steps=steps, prompts=prompts, group=group, lr=lr, partial=partial, kl=kl, mirror=not no_mirror,
+                  categories=tuple(c.strip() for c in categories.split(",") if c.strip()), seed=seed)
+    path = tune(model, out_dir, cfg, in_place=in_place, resume=resume, overwrite=overwrite)
+    out.print(f"tuned few-step UNet in {path}")
+    if (Path(model) / "onnx").is_dir():  # graphs of the old weights: left out of a copy, stale in place
+        out.print(f"for the ONNX Runtime path, `sfumato export {Path(model) if in_place else path}` makes its graphs")

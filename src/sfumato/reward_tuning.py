@@ -1,0 +1,345 @@
+"""Reward tuning: the few-step UNet trained by group-relative policy optimisation on the scene checker's
+verdicts of its own samples.
+
+    sfumato tune MODEL --out MODEL-tuned --steps 300            # position prompts
+    sfumato tune MODEL --in-place --categories position,counting
+
+The diffusion loss barely asks for relations (docs/recipe.md: flipping "left of" moves its error by
+under 1 %), and a differentiable score of the image is met by cheap routes (round 12: a colour
+painted twice or smeared). Here the reward is the checker's verdict itself, the judge of `sfumato
+eval compositional`, which fails a second copy, a smear or a missing shape as it fails a wrong
+relation, and it is used as a policy-gradient reward (DDPO, Black et al. 2023; GRPO, Shao et al.
+2024; Flow-GRPO, Liu et al. 2025):
+
+- The LCM sampler is a Markov chain of Gaussian steps: each step but the last draws
+  x' = sqrt(a') * D(x) + sqrt(1 - a') * noise, with D the UNet's denoised estimate. So the
+  log-probability of each step a sample took is a differentiable function of the UNet.
+- Each prompt is drawn `group` times; a sample's advantage is its reward less the mean of its group,
+  over the group's spread. The loss is minus the advantage times the log-probability of the sample's
+  steps, so steps that led to a passing image become more likely under the same text.
+- Antithetic noise: half of each group is the other half mirrored along the prompt's relation axis
+  (left-right, or top-bottom for "above"/"below"), every step's noise too. The UNet is nearly
+  mirror-equivariant, so such a pair is drawn as mirrored layouts, one with the relation held and
+  one with it flipped, with the same shapes; their difference in reward is the relation alone.
+
+Only training reads the prompts' scenes (to judge the samples); sampling is untouched, and the tuned
+UNet is a plain diffusers UNet. The training prompts leave out every prompt of the evaluations at
+`held_out_seeds`. diffusers and TRL have no policy-gradient trainer for a few-step consistency
+sampler with a rule-based reward, so the loop is written here, on the training engine (checkpoints,
+resume, progress).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+from .shapesworld import spec
+
+
+@dataclass
+class TuneCfg:
+    steps: int = 300  # policy updates
+    prompts: int = 8  # prompts per update
+    group: int = 8  # samples per prompt (even with mirror: half are the other half mirrored)
+    lr: float = 1e-4
+    warmup: int = 10
+    categories: tuple[str, ...] = ("position",)
+    partial: float = 0.5  # reward for the right objects with the relation wrong (1 for a pass)
+    kl: float = 0.0  # weight of the KL divergence of each step from the starting UNet's
+    mirror: bool = True
+    held_out_seeds: tuple[int, ...] = (0, 1)  # evaluation seeds whose prompts are never trained on
+    seed: int = 0
+    checkpoint_every: int = 50
+
+
+RANGES = {"steps": (1, 10**7), "prompts": (1, 4096), "group": (2, 4096), "lr": (0, 1), "warmup": (0, 10**7),
+          "partial": (0, 1), "kl": (0, 1000), "checkpoint_every": (1, 10**7)}
+
+
+def check(cfg: TuneCfg) -> None:
+    for key, (low, high) in RANGES.items():
+        v = getattr(cfg, key)
+        if not low <= v <= high:
+            raise UsageError(f"tune {key} must be between {low:g} and {high:g}, got {v!r}")
+    if cfg.mirror and cfg.group % 2:
+        raise UsageError(f"tune group must be even with mirrored noise (half the group mirrors the other), got {cfg.group}")
+    bad = [c for c in cfg.categories if c not in spec.CATEGORIES]
+    if bad or not cfg.categories:
+        raise UsageError(f"unknown categor{'ies' if len(bad) > 1 else 'y'} {', '.join(bad) or '(none)'}; choose from "
+                         f"{', '.join(spec.CATEGORIES)}")
+
+
+# ---------------------------------------------------------------- prompts and rewards
+
+
+def training_prompts(rng: random.Random, n: int, categories: tuple[str, ...],
+                     held_out_seeds: tuple[int, ...] = (0, 1)) -> list[tuple[str, str]]:
+    """n (category, prompt) pairs drawn as the evaluation draws them, the categories in turn, none of
+    them a prompt of the evaluations (50 per category) at `held_out_seeds`."""
+    from .evaluate import evaluation_prompts, sample_prompt
+
+    held = {p for s in held_out_seeds for _, p in evaluation_prompts(50, s)}
+    out, misses = [], 0
+    while len(out) < n:
+        category = categories[len(out) % len(categories)]
+        prompt = sample_prompt(rng, category)
+        if prompt in held:
+            misses += 1
+            if misses > 1000 * (len(out) + 1):
+                raise UsageError(f"the {category} prompts are all prompts of the held-out evaluations "
+                                 f"(seeds {', '.join(map(str, held_out_seeds))}); tune other categories")
+            continue
+        out.append((category, prompt))
+    return out
+
+
+def verdict_reward(image: np.ndarray, prompt, partial: float) -> tuple[float, bool]:
+    """The checker's reward for one image (H, W, 3 uint8) against a parsed prompt: 1 for a pass,
+    `partial` when only a named relation fails, else 0; and whether it passed."""
+    from .shapesworld.checker import check as judge_scene
+    from .shapesworld.checker import parse_image
+
+    scene = parse_image(image)
+    if judge_scene(scene, prompt).passed:
+        return 1.0, True
+    if prompt.relation is not None and judge_scene(scene, dataclasses.replace(prompt, relation=None)).passed:
+        return partial, False
+    return 0.0, False
+
+
+def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """(prompts, group) rewards -> advantages: less the group's mean, over its spread (plus 0.1, so
+    a group that differs by one sample in eight does not get advantages of ±2.5)."""
+    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 0.1)
+
+
+def mirror_axes(prompts) -> torch.Tensor:
+    """The latent axis each parsed prompt is mirrored along: rows (2) for above/below, else columns (3)."""
+    return torch.tensor([2 if p.relation in ("above", "below") else 3 for p in prompts])
+
+
+def antithetic_noise(shape: tuple[int, ...], axes: torch.Tensor, group: int, g: torch.Generator) -> torch.Tensor:
+    """Noise (len(axes) * group, *shape): each group's second half is its first half mirrored along
+    that prompt's axis."""
+    half = torch.randn((len(axes), group // 2, *shape), generator=g)
+    mirrored = torch.stack([h.flip(int(a)) for h, a in zip(half, axes)])
+    return torch.cat([half, mirrored], 1).flatten(0, 1)
+
+
+# ---------------------------------------------------------------- the sampler as a policy
+
+
+class FewStepPolicy:
+    """The LCM sampler written out step by step, so that each step's Gaussian is in reach: the same
+    arithmetic as diffusers' LCMScheduler.step (checked in the tests)."""
+
+    def __init__(self, scheduler, steps: int, guidance: float, cond_dim: int):
+        scheduler.set_timesteps(steps)
+        self.timesteps = [int(t) for t in scheduler.timesteps]
+        self.alphas = scheduler.alphas_cumprod.float()
+        self.kind = scheduler.config.prediction_type
+        self.scheduler, self.guidance, self.cond_dim = scheduler, guidance, cond_dim
+
+    def denoised(self, unet, x: torch.Tensor, t: int, ctx: torch.Tensor) -> torch.Tensor:
+        from .diffusion import predicted_x0
+        from .sampling import guidance_embedding
+
+        w_emb = guidance_embedding(torch.full((len(x),), float(self.guidance)), self.cond_dim).to(x.dtype)
+        pred = unet(x, torch.full((len(x),), t, dtype=torch.long), timestep_cond=w_emb, encoder_hidden_states=ctx).sample
+        x0 = predicted_x0(self.kind, x, pred, self.alphas[t])
+        c_skip, c_out = self.scheduler.get_scalings_for_boundary_condition_discrete(torch.tensor(float(t)))
+        return c_out * x0 + c_skip * x
+
+    @torch.no_grad()
+    def sample(self, unet, ctx: torch.Tensor, noise: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list]:
+        """Final latents and the steps taken, (x, t, x', a') each; `noise()` gives each draw."""
+        x, taken = noise(), []
+        for i, t in enumerate(self.timesteps):
+            d = self.denoised(unet, x, t, ctx)
+            if i + 1 == len(self.timesteps):
+                return d, taken
+            a_next = self.alphas[self.timesteps[i + 1]]
+            x_next = a_next.sqrt() * d + (1 - a_next).sqrt() * noise()
+            taken.append((x, t, x_next, a_next))
+            x = x_next
+        raise AssertionError("no steps")
+
+    def log_prob(self, unet, step, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample log-probability of one step (mean over the latent's elements, constants
+        dropped), and the denoised estimate it came from."""
+        x, t, x_next, a_next = step
+        d = self.denoised(unet, x, t, ctx)
+        return -((x_next - a_next.sqrt() * d) ** 2).mean((1, 2, 3)) / (2 * (1 - a_next)), d
+
+
+class PolicyLoss:
+    """One update: `prompts` prompts drawn `group` times each by the current UNet, judged, and the
+    policy-gradient loss of their steps."""
+
+    def __init__(self, pipe, cfg: TuneCfg, reward_fn: Callable | None = None, steps: int | None = None,
+                 guidance: float | None = None):
+        from .pipeline import FAST_STEPS, make_scheduler
+        from .shapesworld.checker import parse_prompt
+
+        fast = pipe.defaults if pipe.defaults.get("scheduler") == "LCM" else {}
+        self.pipe, self.cfg = pipe, cfg
+        self.policy = FewStepPolicy(make_scheduler("LCM", pipe.scheduler_config), steps or fast.get("steps", FAST_STEPS),
+                                    guidance or fast.get("guidance", 4.0), pipe.fast_unet.config.time_cond_proj_dim)
+        self.reference = copy.deepcopy(pipe.fast_unet).eval().requires_grad_(False) if cfg.kl > 0 else None
+        self.reward_fn = reward_fn or (lambda image, prompt: verdict_reward(image, prompt, cfg.partial))
+        drawn = training_prompts(random.Random(f"sfumato-tune/{cfg.seed}"), 4096, cfg.categories, cfg.held_out_seeds)
+        self.prompts = [p for _, p in drawn]
+        self.specs = [parse_prompt(p) for p in self.prompts]
+        shape = pipe.fast_unet.config
+        self.latent_shape = (shape.in_channels, shape.sample_size, shape.sample_size)
+
+    def __call__(self, model, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        batch = self.draw(model, g)
+        loss, kl = self.objective(model, batch)
+        return loss, {"reward": batch.rewards.mean().item(), "pass": float(np.mean(batch.passed)), "kl": kl,
+                      "live": len(batch.live) / len(batch.advantages)}
+
+    def draw(self, model, g: torch.Generator) -> "Drawn":
+        """Sample `prompts` prompts `group` times each with the current UNet, and judge the images."""
+        from .sampling import decode_latents, encode_prompts
+
+        cfg = self.cfg
+        pick = torch.randint(len(self.prompts), (cfg.prompts,), generator=g).tolist()
+        specs = [self.specs[i] for i in pick for _ in range(cfg.group)]
+        ctx = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder,
+                             [self.prompts[i] for i in pick for _ in range(cfg.group)]).float()
+        if cfg.mirror:
+            axes = mirror_axes([self.specs[i] for i in pick])
+            noise = lambda: antithetic_noise(self.latent_shape, axes, cfg.group, g)  # noqa: E731
+        else:
+            noise = lambda: torch.randn((len(specs), *self.latent_shape), generator=g)  # noqa: E731
+        was_training = model.training
+        model.eval()
+        latents, taken = self.policy.sample(model, ctx, noise)
+        model.train(was_training)
+        images = decode_latents(self.pipe.vae, latents).numpy()
+        judged = [self.reward_fn(img, s) for img, s in zip(images, specs)]
+        rewards = torch.tensor([r for r, _ in judged], dtype=torch.float32).view(cfg.prompts, cfg.group)
+        adv = group_advantages(rewards).flatten()
+        return Drawn(ctx, taken, rewards, adv, (adv.abs() > 1e-6).nonzero()[:, 0], [ok for _, ok in judged])
+
+    def objective(self, model, batch: "Drawn") -> tuple[torch.Tensor, float]:
+        """Minus the advantage-weighted log-probability of every step the samples took (plus the KL
+        term), per sample of the batch; and the mean KL."""
+        n, live, kl_total = len(batch.advantages), batch.live, 0.0
+        if not len(live):  # every group judged all alike: nothing to learn, a zero step
+            return sum(p.sum() * 0 for p in model.parameters()), 0.0
+        loss = torch.zeros(())
+        for x, t, x_next, a_next in batch.taken:
+            step = (x[live], t, x_next[live], a_next)
+            logp, d = self.policy.log_prob(model, step, batch.ctx[live])
+            loss = loss - (batch.advantages[live] * logp).sum() / n
+            if self.reference is not None:
+                with torch.no_grad():
+                    d_ref = self.policy.denoised(self.reference, step[0], t, batch.ctx[live])
+                kl = (a_next * (d - d_ref) ** 2).mean((1, 2, 3)) / (2 * (1 - a_next))
+                loss = loss + self.cfg.kl * kl.sum() / n
+                kl_total += kl.mean().item()
+        return loss, kl_total
+
+
+@dataclass
+class Drawn:
+    """One update's samples: text states, the steps taken, rewards (prompts, group), advantages
+    (flat), the samples whose advantage is not zero, and which passed."""
+
+    ctx: torch.Tensor
+    taken: list
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    live: torch.Tensor
+    passed: list
+
+
+# ---------------------------------------------------------------- the run
+
+
+def tune(model: str | Path, out: str | Path | None, cfg: TuneCfg, in_place: bool = False, resume: bool = False,
+         overwrite: bool = False, progress: bool = True, reward_fn: Callable | None = None) -> Path:
+    """Tune the few-step UNet of the model folder `model`; write a copy of the folder to `out`, or
+    (in_place) replace model/unet_lcm. Resumable from the target's .partial folder."""
+    from .engine import Engine, StageSpec
+    from .models import quiet_libraries
+    from .pipeline import FAST_UNET, load
+    from .train import _check_folders, partial_dir
+
+    check(cfg)
+    if in_place == (out is not None):
+        raise UsageError("give either --out FOLDER (a tuned copy of the model) or --in-place")
+    model = Path(model)
+    sub = FAST_UNET if (model / FAST_UNET).is_dir() else "unet"  # a distilled folder's own UNet is unet/
+    target = model / sub if in_place else Path(out)
+    if not in_place and target.resolve() == model.resolve():
+        raise UsageError("--out must be another folder than the model being tuned (or use --in-place)")
+    work = partial_dir(target)
+    if in_place:  # the target is the model's own UNet: only an unfinished run stands in the way
+        _check_folders(work.with_name(".none"), work, resume, overwrite)
+    else:
+        _check_folders(target, work, resume, overwrite)
+    quiet_libraries()
+    torch.manual_seed(cfg.seed)
+    pipe = load(model, device="cpu", onnx=False)
+    if pipe.fast_unet is None:
+        raise UsageError(f"{model} has no few-step UNet to tune; distil one first (sfumato distill {model} --attach)")
+    if overwrite and not resume:
+        shutil.rmtree(work, ignore_errors=True)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    unet = pipe.fast_unet.train().requires_grad_(True)
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    loss_fn = PolicyLoss(pipe, cfg, reward_fn)
+    engine = Engine(work, cfg.seed, checkpoint_every=cfg.checkpoint_every, eval_every=10**9, log_every=5,
+                    progress=progress)
+    t0 = time.time()
+    metrics = engine.run(StageSpec("tune", unet, loss_fn, cfg.steps, cfg.lr, cfg.warmup, cfg.prompts * cfg.group))
+    record = {"config": {**asdict(cfg), "categories": list(cfg.categories)}, "seconds": round(time.time() - t0, 1),
+              "steps_per_sample": len(loss_fn.policy.timesteps), "guidance": loss_fn.policy.guidance,
+              "last": metrics}
+    _publish(unet.eval(), model, sub, target, work, in_place, record)
+    return target
+
+
+def _publish(unet, model: Path, sub: str, target: Path, work: Path, in_place: bool, record: dict) -> None:
+    """The tuned UNet into place: model/unet_lcm itself, or a copy of the model folder (its ONNX
+    export left out: it was made from the old weights)."""
+    from .files import atomic_write_text, publish_dir
+    from .train import versions
+
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    card_path = model / "sfumato.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {"format": "sfumato-model/1"}
+    card.setdefault("tuned", [])
+    card["tuned"] = [*card["tuned"], {**record, "unet": sub, "versions": versions()}]
+    if in_place:
+        unet.save_pretrained(work / "unet")
+        publish_dir(work / "unet", target)
+        shutil.rmtree(work, ignore_errors=True)
+        atomic_write_text(card_path, json.dumps(card, indent=1, default=str))
+        return
+    for part in model.iterdir():
+        if part.name not in ("onnx", sub, "logs") and not part.name.endswith(".partial"):
+            (shutil.copytree if part.is_dir() else shutil.copy2)(part, work / part.name)
+    unet.save_pretrained(work / sub)
+    (work / "sfumato.json").write_text(json.dumps(card, indent=1, default=str))  # logs/ stays: the run's metrics
+    publish_dir(work, target)
+
+
+__all__ = ["TuneCfg", "tune", "training_prompts", "verdict_reward", "group_advantages", "antithetic_noise",
+           "FewStepPolicy", "PolicyLoss"]

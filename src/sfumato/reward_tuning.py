@@ -164,17 +164,15 @@ class FewStepPolicy:
 
     @torch.no_grad()
     def sample(self, unet, ctx: torch.Tensor, noise: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list]:
-        """Final latents and the steps taken, (x, t, x', a') each; `noise()` gives each draw."""
+        """Final latents and the steps taken, (x, t, x', a') each; `noise()` gives each draw. The last
+        step returns its estimate without noise, as LCMScheduler's does."""
         x, taken = noise(), []
-        for i, t in enumerate(self.timesteps):
-            d = self.denoised(unet, x, t, ctx)
-            if i + 1 == len(self.timesteps):
-                return d, taken
-            a_next = self.alphas[self.timesteps[i + 1]]
-            x_next = a_next.sqrt() * d + (1 - a_next).sqrt() * noise()
+        for t, t_next in zip(self.timesteps, self.timesteps[1:]):
+            a_next = self.alphas[t_next]
+            x_next = a_next.sqrt() * self.denoised(unet, x, t, ctx) + (1 - a_next).sqrt() * noise()
             taken.append((x, t, x_next, a_next))
             x = x_next
-        raise AssertionError("no steps")
+        return self.denoised(unet, x, self.timesteps[-1], ctx), taken
 
     def log_prob(self, unet, step, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample log-probability of one step (mean over the latent's elements, constants
@@ -190,13 +188,13 @@ class PolicyLoss:
 
     def __init__(self, pipe, cfg: TuneCfg, reward_fn: Callable | None = None, steps: int | None = None,
                  guidance: float | None = None):
-        from .pipeline import FAST_STEPS, make_scheduler
+        from .pipeline import make_scheduler
         from .shapesworld.checker import parse_prompt
 
-        fast = pipe.defaults if pipe.defaults.get("scheduler") == "LCM" else {}
+        fast = pipe.settings("", scheduler="LCM", steps=steps, guidance=guidance)  # the model's few-step defaults
         self.pipe, self.cfg = pipe, cfg
-        self.policy = FewStepPolicy(make_scheduler("LCM", pipe.scheduler_config), steps or fast.get("steps", FAST_STEPS),
-                                    guidance or fast.get("guidance", 4.0), pipe.fast_unet.config.time_cond_proj_dim)
+        self.policy = FewStepPolicy(make_scheduler("LCM", pipe.scheduler_config), fast.steps, fast.guidance,
+                                    pipe.fast_unet.config.time_cond_proj_dim)
         self.reference = copy.deepcopy(pipe.fast_unet).eval().requires_grad_(False) if cfg.kl > 0 else None
         self.reward_fn = reward_fn or (lambda image, prompt: verdict_reward(image, prompt, cfg.partial))
         drawn = training_prompts(random.Random(f"sfumato-tune/{cfg.seed}"), 4096, cfg.categories, cfg.held_out_seeds)
@@ -232,8 +230,7 @@ class PolicyLoss:
         images = decode_latents(self.pipe.vae, latents).numpy()
         judged = [self.reward_fn(img, s) for img, s in zip(images, specs)]
         rewards = torch.tensor([r for r, _ in judged], dtype=torch.float32).view(cfg.prompts, cfg.group)
-        adv = group_advantages(rewards).flatten()
-        return Drawn(ctx, taken, rewards, adv, (adv.abs() > 1e-6).nonzero()[:, 0], [ok for _, ok in judged])
+        return Drawn(ctx, taken, rewards, group_advantages(rewards).flatten(), [ok for _, ok in judged])
 
     def objective(self, model, batch: "Drawn") -> tuple[torch.Tensor, float]:
         """Minus the advantage-weighted log-probability of every step the samples took (plus the KL
@@ -258,14 +255,18 @@ class PolicyLoss:
 @dataclass
 class Drawn:
     """One update's samples: text states, the steps taken, rewards (prompts, group), advantages
-    (flat), the samples whose advantage is not zero, and which passed."""
+    (flat) and which passed."""
 
     ctx: torch.Tensor
     taken: list
     rewards: torch.Tensor
     advantages: torch.Tensor
-    live: torch.Tensor
     passed: list
+
+    @property
+    def live(self) -> torch.Tensor:
+        """The samples whose advantage is not zero (a group judged all alike teaches nothing)."""
+        return (self.advantages.abs() > 1e-6).nonzero()[:, 0]
 
 
 # ---------------------------------------------------------------- the run
@@ -289,10 +290,7 @@ def tune(model: str | Path, out: str | Path | None, cfg: TuneCfg, in_place: bool
     if not in_place and target.resolve() == model.resolve():
         raise UsageError("--out must be another folder than the model being tuned (or use --in-place)")
     work = partial_dir(target)
-    if in_place:  # the target is the model's own UNet: only an unfinished run stands in the way
-        _check_folders(work.with_name(".none"), work, resume, overwrite)
-    else:
-        _check_folders(target, work, resume, overwrite)
+    _check_folders(None if in_place else target, work, resume, overwrite)  # in place: the UNet is replaced by design
     quiet_libraries()
     torch.manual_seed(cfg.seed)
     pipe = load(model, device="cpu", onnx=False)
@@ -300,10 +298,7 @@ def tune(model: str | Path, out: str | Path | None, cfg: TuneCfg, in_place: bool
         raise UsageError(f"{model} has no few-step UNet to tune; distil one first (sfumato distill {model} --attach)")
     if overwrite and not resume:
         shutil.rmtree(work, ignore_errors=True)
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    unet = pipe.fast_unet.train().requires_grad_(True)
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    unet = pipe.fast_unet.train().requires_grad_(True)  # the engine's optimiser takes this module's parameters only
     loss_fn = PolicyLoss(pipe, cfg, reward_fn)
     engine = Engine(work, cfg.seed, checkpoint_every=cfg.checkpoint_every, eval_every=10**9, log_every=5,
                     progress=progress)
@@ -319,19 +314,18 @@ def tune(model: str | Path, out: str | Path | None, cfg: TuneCfg, in_place: bool
 def _publish(unet, model: Path, sub: str, target: Path, work: Path, in_place: bool, record: dict) -> None:
     """The tuned UNet into place: model/unet_lcm itself, or a copy of the model folder (its ONNX
     export left out: it was made from the old weights)."""
+    from .distill import _card
     from .files import atomic_write_text, publish_dir
     from .train import versions
 
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    card_path = model / "sfumato.json"
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {"format": "sfumato-model/1"}
-    card.setdefault("tuned", [])
-    card["tuned"] = [*card["tuned"], {**record, "unet": sub, "versions": versions()}]
+    card = _card(model)
+    card.setdefault("tuned", []).append({**record, "unet": sub, "versions": versions()})
     if in_place:
         unet.save_pretrained(work / "unet")
         publish_dir(work / "unet", target)
         shutil.rmtree(work, ignore_errors=True)
-        atomic_write_text(card_path, json.dumps(card, indent=1, default=str))
+        atomic_write_text(model / "sfumato.json", json.dumps(card, indent=1, default=str))
         return
     for part in model.iterdir():
         if part.name not in ("onnx", sub, "logs") and not part.name.endswith(".partial"):

@@ -145,14 +145,15 @@ def check_split(data: PairData, holdout: float, stages: tuple[str, ...] = STAGES
                          "or raise --set data.holdout")
 
 
-def _check_folders(out: Path, work: Path, resume: bool, overwrite: bool) -> None:
+def _check_folders(out: Path | None, work: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber a model or an unfinished run unless asked; a finished MODEL is only replaced
-    at the very end, so an interrupted --overwrite run keeps the old model and can be resumed."""
+    at the very end, so an interrupted --overwrite run keeps the old model and can be resumed.
+    `out` None: the run replaces part of a model by design, and only an unfinished run is guarded."""
     if resume:
         if not work.exists():
             raise UsageError(f"nothing to resume: {work} does not exist")
     elif not overwrite:
-        if out.exists():
+        if out is not None and out.exists():
             raise UsageError(f"{out} exists; pass --overwrite to replace it")
         if work.exists():
             raise UsageError(f"an unfinished run is in {work}; pass --resume to continue it or --overwrite to restart")

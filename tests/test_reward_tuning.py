@@ -16,7 +16,7 @@ from sfumato.cli import main
 from sfumato.distill import DistillCfg, distill
 from sfumato.errors import UsageError
 from sfumato.evaluate import evaluation_prompts
-from sfumato.reward_tuning import (FewStepPolicy, PolicyLoss, TuneCfg, antithetic_noise, group_advantages, tune,
+from sfumato.reward_tuning import (FewStepPolicy, PolicyLoss, RepairLoss, TuneCfg, antithetic_noise, group_advantages, tune,
                                    training_prompts, verdict_reward)
 from sfumato.shapesworld.checker import parse_prompt
 from sfumato.shapesworld.dataset import ShapesWorld
@@ -169,6 +169,7 @@ def test_bad_requests_are_refused_in_one_line_and_write_nothing(carrying, tmp_pa
         (["tune", str(carrying), "--out", str(tmp_path / "a"), "--lr", "-1"], "tune lr must be between"),
         (["tune", str(carrying), "--out", str(tmp_path / "a"), "--group", "5"], "group must be even"),
         (["tune", str(carrying), "--out", str(tmp_path / "a"), "--categories", "colours"], "unknown category colours"),
+        (["tune", str(carrying), "--out", str(tmp_path / "a"), "--objective", "regress"], "objective must be one of"),
         (["tune", str(carrying)], "either --out"),
         (["tune", str(carrying), "--in-place", "--out", str(tmp_path / "a")], "either --out"),
         (["tune", str(teacher), "--out", str(tmp_path / "a")], "has no few-step UNet"),
@@ -193,3 +194,73 @@ def test_the_kl_term_is_zero_at_the_start_and_grows_as_the_unet_moves(carrying):
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     assert loss_fn.objective(model, batch)[1] > 0
+
+
+def test_a_wrong_relation_is_repaired_by_the_smallest_move_of_one_object():
+    """Mirrored across its relation, a render keeps its objects and loses the relation; the repair
+    holds it again, with one object where the mirror put it. Scenes with the wrong objects have no
+    repair."""
+    from sfumato.shapesworld.checker import check, parse_image
+    from sfumato.shapesworld.repair import repair_relation
+
+    seen = kept = 0
+    for img, caption, _ in ShapesWorld(60, seed=5, categories=("position",)):
+        prompt = parse_prompt(caption)
+        axis = 1 if prompt.relation in ("left", "right") else 0
+        if prompt.relation in ("above", "below") and any(o.shape == "triangle" for o in prompt.objects):
+            continue  # a triangle turned upside down is not a triangle
+        wrong = parse_image(np.ascontiguousarray(np.flip(np.asarray(img), axis)))
+        assert not check(wrong, prompt).passed
+        fixed = repair_relation(wrong, prompt)
+        assert fixed is not None and fixed.size == img.size
+        after = parse_image(fixed)
+        assert check(after, prompt).passed
+        stayed = [min(np.hypot(a.center[0] - b.center[0], a.center[1] - b.center[1]) for b in wrong.objects)
+                  for a in after.objects]
+        across = axis  # or, with no room to move one, the two traded places along the axis
+        traded = np.allclose(sorted(o.center[across] for o in after.objects),
+                             sorted(o.center[across] for o in wrong.objects), atol=1.0)
+        assert min(stayed) <= 1.0 or traded
+        kept += min(stayed) <= 1.0
+        seen += 1
+    assert seen >= 20 and 0 < kept < seen  # both kinds of repair occur
+    blank = parse_image(np.full((64, 64, 3), 255, np.uint8))
+    assert repair_relation(blank, parse_prompt("a red circle left of a blue square")) is None
+    one = parse_image(np.asarray(ShapesWorld(1, seed=0, categories=("single_object",))[0][0]))
+    assert repair_relation(one, parse_prompt("a red circle left of a blue square")) is None
+
+
+def test_repair_prefers_the_repair_and_the_passing_sample_over_the_failed_one(carrying, monkeypatch):
+    """A failed sample with a repair is paired with it along the same noise; one without, with a
+    passing sample of its group. The preference loss starts at log 2 (the UNet is its reference)
+    and a gradient step lowers it on the same draws."""
+    import sfumato
+    import sfumato.shapesworld.repair as repair
+    from PIL import Image
+
+    pipe = sfumato.load(carrying, onnx=False)
+    verdicts = iter([(1.0, True), (0.5, False), (0.0, False), (0.5, False)] * 2)
+    cfg = TuneCfg(**TINY, objective="repair", mirror=False)
+    loss_fn = RepairLoss(pipe, cfg, reward_fn=lambda image, prompt: next(verdicts), steps=4)
+    red = Image.new("RGB", (32, 32), (255, 0, 0))
+    fixes = iter([red, None, None, red, None, None])  # asked of each sample that did not pass, in turn
+    monkeypatch.setattr(repair, "repair_relation", lambda scene, prompt: next(fixes))
+    model = pipe.fast_unet.train().requires_grad_(True)
+    batch = loss_fn.draw(model, torch.Generator().manual_seed(0))
+    assert len(batch.noises) == 4 and torch.equal(batch.noises[0], batch.taken[0][0])  # the starting noise first
+    (z_win, rows_win), (z_lose, rows_lose), repaired = loss_fn.pairs(batch)
+    assert rows_win.tolist() == [1, 0, 0, 5, 4, 4] and rows_lose.tolist() == [1, 2, 3, 5, 6, 7] and repaired == 2
+    assert not torch.equal(z_win[0], batch.latents[1]) and torch.equal(z_win[1], batch.latents[0])
+    assert torch.equal(z_lose, batch.latents[rows_lose])
+
+    monkeypatch.setattr(loss_fn, "draw", lambda model, g: batch)
+    monkeypatch.setattr(loss_fn, "pairs", lambda batch: ((z_win, rows_win), (z_lose, rows_lose), repaired))
+    loss, stats = loss_fn(model, torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(np.log(2), abs=1e-6) and stats["repaired"] == 2 / 8
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1e-3 * p.grad / (p.grad.norm() + 1e-12)
+    after, stats = loss_fn(model, torch.Generator().manual_seed(0))
+    assert after.item() < loss.item() and stats["margin"] > 0

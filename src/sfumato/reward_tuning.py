@@ -3,6 +3,7 @@ verdicts of its own samples.
 
     sfumato tune MODEL --out MODEL-tuned --steps 300            # position prompts
     sfumato tune MODEL --in-place --categories position,counting
+    sfumato tune MODEL --out MODEL-tuned --objective repair --lr 1e-5   # preferences for repaired samples
 
 The diffusion loss barely asks for relations (docs/recipe.md: flipping "left of" moves its error by
 under 1 %), and a differentiable score of the image is met by cheap routes (round 12: a colour
@@ -21,6 +22,10 @@ relation, and it is used as a policy-gradient reward (DDPO, Black et al. 2023; G
   (left-right, or top-bottom for "above"/"below"), every step's noise too. The UNet is nearly
   mirror-equivariant, so such a pair is drawn as mirrored layouts, one with the relation held and
   one with it flipped, with the same shapes; their difference in reward is the relation alone.
+
+The repair objective (`RepairLoss`) trains on the same draws by preference instead: each failed
+sample is paired with a better one (its repair when only the relation is wrong, else a passing
+sample of its group) and the UNet learns to prefer the better (Diffusion-DPO).
 
 Only training reads the prompts' scenes (to judge the samples); sampling is untouched, and the tuned
 UNet is a plain diffusers UNet. The training prompts leave out every prompt of the evaluations at
@@ -59,13 +64,18 @@ class TuneCfg:
     partial: float = 0.5  # reward for the right objects with the relation wrong (1 for a pass)
     kl: float = 0.0  # weight of the KL divergence of each step from the starting UNet's
     mirror: bool = True
+    objective: str = "policy"  # "policy" (the policy gradient) or "repair" (preferences for repaired samples)
+    beta: float = 2000.0  # the repair objective's preference strength (Diffusion-DPO's beta)
     held_out_seeds: tuple[int, ...] = (0, 1)  # evaluation seeds whose prompts are never trained on
     seed: int = 0
     checkpoint_every: int = 50
 
 
 RANGES = {"steps": (1, 10**7), "prompts": (1, 4096), "group": (2, 4096), "lr": (0, 1), "warmup": (0, 10**7),
-          "partial": (0, 1), "kl": (0, 1000), "checkpoint_every": (1, 10**7)}
+          "partial": (0, 1), "kl": (0, 1000), "beta": (0, 10**7), "checkpoint_every": (1, 10**7)}
+
+
+OBJECTIVES = ("policy", "repair")
 
 
 def check(cfg: TuneCfg) -> None:
@@ -73,6 +83,8 @@ def check(cfg: TuneCfg) -> None:
         v = getattr(cfg, key)
         if not low <= v <= high:
             raise UsageError(f"tune {key} must be between {low:g} and {high:g}, got {v!r}")
+    if cfg.objective not in OBJECTIVES:
+        raise UsageError(f"tune objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
     if cfg.mirror and cfg.group % 2:
         raise UsageError(f"tune group must be even with mirrored noise (half the group mirrors the other), got {cfg.group}")
     bad = [c for c in cfg.categories if c not in spec.CATEGORIES]
@@ -199,6 +211,7 @@ class PolicyLoss:
         self.reward_fn = reward_fn or (lambda image, prompt: verdict_reward(image, prompt, cfg.partial))
         drawn = training_prompts(random.Random(f"sfumato-tune/{cfg.seed}"), 4096, cfg.categories, cfg.held_out_seeds)
         self.prompts = [p for _, p in drawn]
+        self.categories = [c for c, _ in drawn]
         self.specs = [parse_prompt(p) for p in self.prompts]
         shape = pipe.fast_unet.config
         self.latent_shape = (shape.in_channels, shape.sample_size, shape.sample_size)
@@ -206,8 +219,7 @@ class PolicyLoss:
     def __call__(self, model, g: torch.Generator) -> tuple[torch.Tensor, dict]:
         batch = self.draw(model, g)
         loss, kl = self.objective(model, batch)
-        return loss, {"reward": batch.rewards.mean().item(), "pass": float(np.mean(batch.passed)), "kl": kl,
-                      "live": len(batch.live) / len(batch.advantages)}
+        return loss, {**batch.stats(), "kl": kl, "live": len(batch.live) / len(batch.advantages)}
 
     def draw(self, model, g: torch.Generator) -> "Drawn":
         """Sample `prompts` prompts `group` times each with the current UNet, and judge the images."""
@@ -218,11 +230,16 @@ class PolicyLoss:
         specs = [self.specs[i] for i in pick for _ in range(cfg.group)]
         ctx = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder,
                              [self.prompts[i] for i in pick for _ in range(cfg.group)]).float()
-        if cfg.mirror:
-            axes = mirror_axes([self.specs[i] for i in pick])
-            noise = lambda: antithetic_noise(self.latent_shape, axes, cfg.group, g)  # noqa: E731
-        else:
-            noise = lambda: torch.randn((len(specs), *self.latent_shape), generator=g)  # noqa: E731
+        axes = mirror_axes([self.specs[i] for i in pick])
+        draws = []  # every noise draw, the starting latents first
+
+        def noise() -> torch.Tensor:
+            if cfg.mirror:
+                draws.append(antithetic_noise(self.latent_shape, axes, cfg.group, g))
+            else:
+                draws.append(torch.randn((len(specs), *self.latent_shape), generator=g))
+            return draws[-1]
+
         was_training = model.training
         model.eval()
         latents, taken = self.policy.sample(model, ctx, noise)
@@ -230,7 +247,8 @@ class PolicyLoss:
         images = decode_latents(self.pipe.vae, latents).numpy()
         judged = [self.reward_fn(img, s) for img, s in zip(images, specs)]
         rewards = torch.tensor([r for r, _ in judged], dtype=torch.float32).view(cfg.prompts, cfg.group)
-        return Drawn(ctx, taken, rewards, group_advantages(rewards).flatten(), [ok for _, ok in judged])
+        return Drawn(ctx, taken, rewards, group_advantages(rewards).flatten(), [ok for _, ok in judged],
+                     latents, draws, images, specs, [self.categories[i] for i in pick for _ in range(cfg.group)])
 
     def objective(self, model, batch: "Drawn") -> tuple[torch.Tensor, float]:
         """Minus the advantage-weighted log-probability of every step the samples took (plus the KL
@@ -252,6 +270,88 @@ class PolicyLoss:
         return loss, kl_total
 
 
+class RepairLoss(PolicyLoss):
+    """One update of preference tuning on repaired samples (Diffusion-DPO, Wallace et al. 2023): the
+    same draws as the policy gradient; each sample that failed is paired with a better one, and the
+    UNet is trained to denoise the better one more easily than the starting UNet does, and the worse
+    one less easily.
+
+    - A sample with its objects right and its relation wrong is paired with its repair (the nearest
+      render that holds the relation, `shapesworld.repair`) along the same noise draws.
+    - Any other failed sample is paired with a passing sample of its group, when there is one.
+
+    Why: where the objects go is decided by the first step, from the starting noise, which is not a
+    Gaussian draw of the policy, so the policy gradient gives it no credit (round 13 of
+    docs/recipe.md: position held while digits, decided late, rose). A repair shares the failed
+    sample's starting noise, so at the first step the pair differs only in where the objects lie,
+    and the preference asks the first estimate to move them there. Regressing on the repairs
+    instead blurs that estimate towards the mean of every outcome and drops objects (round 14); the
+    preference's pull is the difference of the pair, with no pull towards a mean. Step k of a sample
+    is taken at the latent the sampler would have reached had every earlier estimate been that
+    sample: sqrt(a_k) * latent + sqrt(1 - a_k) * (its own k-th noise draw); each update trains the
+    first step and one other drawn at random."""
+
+    def __init__(self, pipe, cfg: TuneCfg, reward_fn: Callable | None = None, steps: int | None = None,
+                 guidance: float | None = None):
+        super().__init__(pipe, cfg, reward_fn, steps, guidance)
+        if self.reference is None:
+            self.reference = copy.deepcopy(pipe.fast_unet).eval().requires_grad_(False)
+
+    def __call__(self, model, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        batch = self.draw(model, g)
+        (z_win, rows_win), (z_lose, rows_lose), repaired = self.pairs(batch)
+        n = len(rows_win)
+        stats = {**batch.stats(), "repaired": repaired / len(batch.passed), "pairs": n / len(batch.passed)}
+        if not n:
+            return sum(p.sum() * 0 for p in model.parameters()), stats
+        later = len(self.policy.timesteps) - 1
+        steps = [0] + ([1 + int(torch.randint(later, (1,), generator=g))] if later else [])
+        z, rows = torch.cat([z_win, z_lose]), torch.cat([rows_win, rows_lose])
+        loss, margin = torch.zeros(()), 0.0
+        for k in steps:
+            t = self.policy.timesteps[k]
+            a = self.policy.alphas[t]
+            x = a.sqrt() * z + (1 - a).sqrt() * batch.noises[k][rows]
+            err = ((self.policy.denoised(model, x, t, batch.ctx[rows]) - z) ** 2).mean((1, 2, 3))
+            with torch.no_grad():
+                err_ref = ((self.policy.denoised(self.reference, x, t, batch.ctx[rows]) - z) ** 2).mean((1, 2, 3))
+            gain = err - err_ref  # how much more easily than the starting UNet (negative: more easily)
+            diff = gain[:n] - gain[n:]
+            loss = loss - torch.nn.functional.logsigmoid(-self.cfg.beta * diff).mean()
+            margin += (-diff).mean().item()
+        return loss / len(steps), {**stats, "margin": margin / len(steps)}
+
+    @torch.no_grad()
+    def pairs(self, batch: "Drawn") -> tuple[tuple, tuple, int]:
+        """(better latents, their rows), (worse latents, their rows), and how many pairs are repairs."""
+        from .data import to_model_range
+        from .shapesworld.checker import parse_image
+        from .shapesworld.repair import repair_relation
+
+        group = self.cfg.group
+        win, lose, renders = [], [], {}
+        for i, (image, spec_, ok) in enumerate(zip(batch.images, batch.specs, batch.passed)):
+            if ok:
+                continue
+            if spec_.relation is not None and (fixed := repair_relation(parse_image(image), spec_)) is not None:
+                renders[len(win)] = np.asarray(fixed)
+                win.append(i)
+                lose.append(i)
+                continue
+            first = i - i % group
+            passing = [j for j in range(first, first + group) if batch.passed[j]]
+            if passing:
+                win.append(passing[i % len(passing)])
+                lose.append(i)
+        rows_win, rows_lose = torch.tensor(win, dtype=torch.long), torch.tensor(lose, dtype=torch.long)
+        z_win = batch.latents[rows_win].clone()
+        if renders:
+            vae = self.pipe.vae
+            x = to_model_range(torch.from_numpy(np.stack(list(renders.values()))).permute(0, 3, 1, 2))
+            z_win[list(renders)] = (vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).to(z_win.dtype)
+        return (z_win, rows_win), (batch.latents[rows_lose], rows_lose), len(renders)
+
+
 @dataclass
 class Drawn:
     """One update's samples: text states, the steps taken, rewards (prompts, group), advantages
@@ -262,6 +362,19 @@ class Drawn:
     rewards: torch.Tensor
     advantages: torch.Tensor
     passed: list
+    latents: torch.Tensor | None = None  # the final latents
+    noises: list | None = None  # each step's noise draw, the starting latents first
+    images: np.ndarray | None = None
+    specs: list | None = None  # the parsed prompt of each sample
+    categories: list | None = None  # the category of each sample's prompt
+
+    def stats(self) -> dict:
+        """Mean reward and pass rate, overall and (with more than one category) per category."""
+        out = {"reward": self.rewards.mean().item(), "pass": float(np.mean(self.passed))}
+        if self.categories and len(set(self.categories)) > 1:
+            for c in sorted(set(self.categories)):
+                out[f"pass_{c}"] = float(np.mean([ok for ok, k in zip(self.passed, self.categories) if k == c]))
+        return out
 
     @property
     def live(self) -> torch.Tensor:
@@ -299,7 +412,7 @@ def tune(model: str | Path, out: str | Path | None, cfg: TuneCfg, in_place: bool
     if overwrite and not resume:
         shutil.rmtree(work, ignore_errors=True)
     unet = pipe.fast_unet.train().requires_grad_(True)  # the engine's optimiser takes this module's parameters only
-    loss_fn = PolicyLoss(pipe, cfg, reward_fn)
+    loss_fn = (RepairLoss if cfg.objective == "repair" else PolicyLoss)(pipe, cfg, reward_fn)
     engine = Engine(work, cfg.seed, checkpoint_every=cfg.checkpoint_every, eval_every=10**9, log_every=5,
                     progress=progress)
     t0 = time.time()
@@ -336,4 +449,4 @@ def _publish(unet, model: Path, sub: str, target: Path, work: Path, in_place: bo
 
 
 __all__ = ["TuneCfg", "tune", "training_prompts", "verdict_reward", "group_advantages", "antithetic_noise",
-           "FewStepPolicy", "PolicyLoss"]
+           "FewStepPolicy", "PolicyLoss", "RepairLoss"]

@@ -29,16 +29,21 @@ def tune_cmd(
     lr: float = typer.Option(1e-4, "--lr"),
     partial: float = typer.Option(0.5, "--partial", help="Reward for the right objects with the relation wrong."),
     kl: float = typer.Option(0.0, "--kl", help="Weight of each step's divergence from the starting UNet."),
+    objective: str = typer.Option("policy", "--objective", help="policy: the policy gradient on the verdicts; "
+                                  "repair: preferences for repaired copies of samples with only the relation "
+                                  "wrong, and for passing samples over failed ones (Diffusion-DPO)."),
+    beta: float = typer.Option(2000.0, "--beta", help="Preference strength of the repair objective."),
     no_mirror: bool = typer.Option(False, "--no-mirror", help="Independent noise for every sample of a group."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompts and noise drawn."),
     resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder or unfinished run."),
 ) -> None:
-    """Tune a few-step model on the ShapesWorld scene checker's verdicts (group-relative policy gradient)."""
+    """Tune a few-step model on the ShapesWorld scene checker's verdicts (group-relative policy gradient,
+    or preferences for repaired samples)."""
     from ..reward_tuning import TuneCfg, tune
 
     cfg = TuneCfg(steps=steps, prompts=prompts, group=group, lr=lr, partial=partial, kl=kl, mirror=not no_mirror,
-                  categories=tuple(c.strip() for c in categories.split(",") if c.strip()), seed=seed)
+                  objective=objective, beta=beta, categories=tuple(c.strip() for c in categories.split(",") if c.strip()), seed=seed)
     path = tune(model, out_dir, cfg, in_place=in_place, resume=resume, overwrite=overwrite)
     out.print(f"tuned few-step UNet in {path}")
     if (Path(model) / "onnx").is_dir():  # graphs of the old weights: left out of a copy, stale in place

@@ -18,9 +18,9 @@ from PIL import Image
 
 from .attention import capture_cross_attention, normalise
 from .config import GenerationSettings
-from .data import to_model_range
 from .errors import UsageError
 from .images import npz_bytes, png_bytes
+from .sampling import encode_images
 from .viz import make_grid
 
 # Words that name nothing in an image; their tokens are left out of a phrase's map.
@@ -172,9 +172,8 @@ def phrase_word_maps(pipe, rgb: Image.Image, phrases: list[str], seed: int = 0,
     encoded with the VAE, noised to a few timesteps, the UNet run on the phrase, read at its finest
     cross-attention layers (see attention.py) and summed over the timesteps."""
     side = pipe.native
-    x = torch.from_numpy(np.array(rgb.resize((side, side), Image.BICUBIC))).permute(2, 0, 1)[None]
-    x = to_model_range(x).to(pipe.device)
-    z0 = pipe.vae.encode(x).latent_dist.mode() * pipe.vae.config.scaling_factor
+    pixels = torch.from_numpy(np.array(rgb.resize((side, side), Image.BICUBIC))).permute(2, 0, 1)[None]
+    z0 = encode_images(pipe.vae, pixels)
     sched = _train_scheduler(pipe)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(z0.shape, generator=g).to(pipe.device)

@@ -28,14 +28,13 @@ from PIL import Image
 from .attention import capture_cross_attention
 from .config import (DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_LAYOUT_SEARCH, MAX_SIDE, MAX_STEPS,
                      GenerationSettings, parse_parameters)
-from .data import to_model_range
 from .errors import SfumatoError, UsageError
 from .files import sha256_bytes
 from .layout import candidate_seeds, find_relation, look_ahead, margins
 from .models import load_text_encoder, quiet_libraries
 from .prompts import check_weights, tokenize
 from .prompts import encode as encode_prompt_syntax
-from .sampling import decode_latents, denoise, noise_of_seeds
+from .sampling import decode_latents, denoise, encode_images, noise_of_seeds
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
 __all__ = ["DEFAULT_MODEL", "FAST_UNET", "SCHEDULERS", "GenerationSettings", "Pipeline", "load", "make_scheduler",
@@ -350,8 +349,7 @@ class Pipeline:
         if img.size != (s.width, s.height):
             img = img.resize((s.width, s.height), Image.BICUBIC)
         pixels = np.array(img)  # writable: torch.from_numpy warns on read-only arrays
-        x = to_model_range(torch.from_numpy(pixels).permute(2, 0, 1)[None]).to(self.device)
-        z = self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
+        z = encode_images(self.vae, torch.from_numpy(pixels).permute(2, 0, 1)[None])
         mask_px = mask_lat = None
         if mask is not None:
             if mask.size != init_image.size:

@@ -324,7 +324,7 @@ class RepairLoss(PolicyLoss):
     @torch.no_grad()
     def pairs(self, batch: "Drawn") -> tuple[tuple, tuple, int]:
         """(better latents, their rows), (worse latents, their rows), and how many pairs are repairs."""
-        from .data import to_model_range
+        from .sampling import encode_images
         from .shapesworld.checker import parse_image
         from .shapesworld.repair import repair_relation
 
@@ -346,9 +346,8 @@ class RepairLoss(PolicyLoss):
         rows_win, rows_lose = torch.tensor(win, dtype=torch.long), torch.tensor(lose, dtype=torch.long)
         z_win = batch.latents[rows_win].clone()
         if renders:
-            vae = self.pipe.vae
-            x = to_model_range(torch.from_numpy(np.stack(list(renders.values()))).permute(0, 3, 1, 2))
-            z_win[list(renders)] = (vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).to(z_win.dtype)
+            fixed = torch.from_numpy(np.stack(list(renders.values()))).permute(0, 3, 1, 2)
+            z_win[list(renders)] = encode_images(self.pipe.vae, fixed).to(z_win.dtype)
         return (z_win, rows_win), (batch.latents[rows_lose], rows_lose), len(renders)
 
 

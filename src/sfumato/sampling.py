@@ -118,6 +118,15 @@ def _step_params(scheduler) -> set[str]:
 
 
 @torch.no_grad()
+def encode_images(vae, images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) -> latents (the posterior's mode, scaled): decode_latents' inverse."""
+    from .data import to_model_range
+
+    x = to_model_range(images_u8).to(vae.device)
+    return vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+
+
+@torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> uint8 images (B, H, W, 3)."""
     from .data import from_model_range

@@ -43,7 +43,8 @@ def tune_cmd(
     from ..reward_tuning import TuneCfg, tune
 
     cfg = TuneCfg(steps=steps, prompts=prompts, group=group, lr=lr, partial=partial, kl=kl, mirror=not no_mirror,
-                  objective=objective, beta=beta, categories=tuple(c.strip() for c in categories.split(",") if c.strip()), seed=seed)
+                  objective=objective, beta=beta, seed=seed,
+                  categories=tuple(c.strip() for c in categories.split(",") if c.strip()))
     path = tune(model, out_dir, cfg, in_place=in_place, resume=resume, overwrite=overwrite)
     out.print(f"tuned few-step UNet in {path}")
     if (Path(model) / "onnx").is_dir():  # graphs of the old weights: left out of a copy, stale in place

@@ -16,8 +16,8 @@ from sfumato.cli import main
 from sfumato.distill import DistillCfg, distill
 from sfumato.errors import UsageError
 from sfumato.evaluate import evaluation_prompts
-from sfumato.reward_tuning import (FewStepPolicy, PolicyLoss, RepairLoss, TuneCfg, antithetic_noise, group_advantages, tune,
-                                   training_prompts, verdict_reward)
+from sfumato.reward_tuning import (Drawn, FewStepPolicy, PolicyLoss, RepairLoss, TuneCfg, WithTower, antithetic_noise,
+                                   group_advantages, training_prompts, tune, verdict_reward)
 from sfumato.shapesworld.checker import parse_prompt
 from sfumato.shapesworld.dataset import ShapesWorld
 
@@ -163,6 +163,40 @@ def test_tune_in_place_replaces_only_the_few_step_unet(carrying, tmp_path):
     assert sorted(p.name for p in model.iterdir() if "partial" in p.name or p.name.startswith(".")) == []
 
 
+def test_a_tower_trained_along_is_written_with_the_unet_and_the_source_keeps_its_own(carrying, tmp_path):
+    from sfumato.pipeline import FAST_UNET
+
+    tower = (carrying / "text_encoder" / "model.safetensors").read_bytes()
+    out = tune(carrying, tmp_path / "tuned", TuneCfg(**TINY, tower_lr=1e-3), progress=False, reward_fn=bright)
+    assert (carrying / "text_encoder" / "model.safetensors").read_bytes() == tower
+    assert (out / "text_encoder" / "model.safetensors").read_bytes() != tower
+    assert json.loads((out / "sfumato.json").read_text())["tuned"][-1]["config"]["tower_lr"] == 1e-3
+    img = sample_carried_unet_in_plain_diffusers(out)
+    assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
+    model = tmp_path / "model"
+    shutil.copytree(carrying, model)
+    tune(model, None, TuneCfg(**TINY, tower_lr=1e-3), in_place=True, progress=False, reward_fn=bright)
+    assert (model / "text_encoder" / "model.safetensors").read_bytes() != tower
+    assert (model / FAST_UNET / "config.json").exists() and not list(model.glob("*.partial"))
+
+
+def test_the_reach_term_teaches_the_tower_to_carry_the_relation_past_its_word(carrying):
+    import sfumato
+
+    pipe = sfumato.load(carrying, onnx=False)
+    loss_fn = PolicyLoss(pipe, TuneCfg(**TINY, tower_lr=1e-3, reach=1.0, reach_target=5.0), reward_fn=bright)
+    model = WithTower(pipe.fast_unet, pipe.text_encoder.requires_grad_(True))
+    batch = Drawn(None, [], torch.zeros(1), torch.zeros(1), [],
+                  prompts=["a red circle to the left of a blue square", "a green cross over a red square", "a red circle"])
+    loss, stats = loss_fn.reach_loss(model, batch)
+    assert loss.item() > 0 and 0 <= stats["reach"] < 5.0
+    opt = torch.optim.SGD(model.text_encoder.parameters(), lr=0.5)
+    loss.backward()
+    opt.step()
+    assert loss_fn.reach_loss(model, batch)[1]["reach"] > stats["reach"]  # the words after it now differ more
+    assert loss_fn.reach_loss(pipe.fast_unet, batch)[0].item() == 0  # a frozen tower has nothing to learn here
+
+
 def test_bad_requests_are_refused_in_one_line_and_write_nothing(carrying, tmp_path, capsys):
     teacher = build_tiny_sd(tmp_path / "teacher")
     cases = [
@@ -170,6 +204,7 @@ def test_bad_requests_are_refused_in_one_line_and_write_nothing(carrying, tmp_pa
         (["tune", str(carrying), "--out", str(tmp_path / "a"), "--group", "5"], "group must be even"),
         (["tune", str(carrying), "--out", str(tmp_path / "a"), "--categories", "colours"], "unknown category colours"),
         (["tune", str(carrying), "--out", str(tmp_path / "a"), "--objective", "regress"], "objective must be one of"),
+        (["tune", str(carrying), "--out", str(tmp_path / "a"), "--reach", "1"], "give a tower learning rate"),
         (["tune", str(carrying)], "either --out"),
         (["tune", str(carrying), "--in-place", "--out", str(tmp_path / "a")], "either --out"),
         (["tune", str(teacher), "--out", str(tmp_path / "a")], "has no few-step UNet"),

@@ -27,6 +27,9 @@ The repair objective (`RepairLoss`) trains on the same draws by preference inste
 sample is paired with a better one (its repair when only the relation is wrong, else a passing
 sample of its group) and the UNet learns to prefer the better (Diffusion-DPO).
 
+With `tower_lr` the text tower trains along (`WithTower`), and `reach` adds `text_reach`'s term
+asking it to carry each relation into the words after it.
+
 Only training reads the prompts' scenes (to judge the samples); sampling is untouched, and the tuned
 UNet is a plain diffusers UNet. The training prompts leave out every prompt of the evaluations at
 `held_out_seeds`. diffusers and TRL have no policy-gradient trainer for a few-step consistency
@@ -66,13 +69,17 @@ class TuneCfg:
     mirror: bool = True
     objective: str = "policy"  # "policy" (the policy gradient) or "repair" (preferences for repaired samples)
     beta: float = 2000.0  # the repair objective's preference strength (Diffusion-DPO's beta)
+    tower_lr: float = 0.0  # learning rate of the text tower trained along (0: frozen)
+    reach: float = 0.0  # weight of the relation's reach into the words after it (needs tower_lr)
+    reach_target: float = 0.3  # the relative change of those words' states asked for when the relation flips
     held_out_seeds: tuple[int, ...] = (0, 1)  # evaluation seeds whose prompts are never trained on
     seed: int = 0
     checkpoint_every: int = 50
 
 
 RANGES = {"steps": (1, 10**7), "prompts": (1, 4096), "group": (2, 4096), "lr": (0, 1), "warmup": (0, 10**7),
-          "partial": (0, 1), "kl": (0, 1000), "beta": (0, 10**7), "checkpoint_every": (1, 10**7)}
+          "partial": (0, 1), "kl": (0, 1000), "tower_lr": (0, 1), "reach": (0, 1000), "reach_target": (0, 10),
+          "beta": (0, 10**7), "checkpoint_every": (1, 10**7)}
 
 
 OBJECTIVES = ("policy", "repair")
@@ -85,6 +92,8 @@ def check(cfg: TuneCfg) -> None:
             raise UsageError(f"tune {key} must be between {low:g} and {high:g}, got {v!r}")
     if cfg.objective not in OBJECTIVES:
         raise UsageError(f"tune objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.reach > 0 and cfg.tower_lr <= 0:
+        raise UsageError("tune reach trains the text tower: give a tower learning rate (--tower-lr) as well")
     if cfg.mirror and cfg.group % 2:
         raise UsageError(f"tune group must be even with mirrored noise (half the group mirrors the other), got {cfg.group}")
     bad = [c for c in cfg.categories if c not in spec.CATEGORIES]
@@ -194,6 +203,18 @@ class FewStepPolicy:
         return -((x_next - a_next.sqrt() * d) ** 2).mean((1, 2, 3)) / (2 * (1 - a_next)), d
 
 
+class WithTower(torch.nn.Module):
+    """The few-step UNet with the text tower beside it, so that both train as one module; called, it
+    is the UNet (the losses encode the prompts through `text_encoder` themselves)."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, *args, **kwargs):
+        return self.unet(*args, **kwargs)
+
+
 class PolicyLoss:
     """One update: `prompts` prompts drawn `group` times each by the current UNet, judged, and the
     policy-gradient loss of their steps."""
@@ -208,6 +229,9 @@ class PolicyLoss:
         self.policy = FewStepPolicy(make_scheduler("LCM", pipe.scheduler_config), fast.steps, fast.guidance,
                                     pipe.fast_unet.config.time_cond_proj_dim)
         self.reference = copy.deepcopy(pipe.fast_unet).eval().requires_grad_(False) if cfg.kl > 0 else None
+        # with the tower training along, the reference reads the starting tower's states
+        self.reference_tower = (copy.deepcopy(pipe.text_encoder).eval().requires_grad_(False)
+                                if cfg.tower_lr > 0 else None)
         self.reward_fn = reward_fn or (lambda image, prompt: verdict_reward(image, prompt, cfg.partial))
         drawn = training_prompts(random.Random(f"sfumato-tune/{cfg.seed}"), 4096, cfg.categories, cfg.held_out_seeds)
         self.prompts = [p for _, p in drawn]
@@ -219,7 +243,20 @@ class PolicyLoss:
     def __call__(self, model, g: torch.Generator) -> tuple[torch.Tensor, dict]:
         batch = self.draw(model, g)
         loss, kl = self.objective(model, batch)
-        return loss, {**batch.stats(), "kl": kl, "live": len(batch.live) / len(batch.advantages)}
+        reach, reached = self.reach_loss(model, batch)
+        return loss + reach, {**batch.stats(), "kl": kl, "live": len(batch.live) / len(batch.advantages), **reached}
+
+    def reach_loss(self, model, batch: "Drawn") -> tuple[torch.Tensor, dict]:
+        """The text tower asked to carry each prompt's relation into the words after it: their states
+        should change by `reach_target` (relative) when the relation flips, as they do when a colour
+        changes; weighted by `reach`. A causal tower otherwise folds "left of" into nothing that
+        follows it (round 14 of docs/recipe.md), and the object words cannot say their side."""
+        from .text_reach import reach_loss
+
+        if self.cfg.reach <= 0 or not isinstance(model, WithTower):
+            return torch.zeros(()), {}
+        loss, mean = reach_loss(self.pipe.tokenizer, model.text_encoder, batch.prompts or [], self.cfg.reach_target)
+        return self.cfg.reach * loss, ({"reach": mean} if mean == mean else {})
 
     def draw(self, model, g: torch.Generator) -> "Drawn":
         """Sample `prompts` prompts `group` times each with the current UNet, and judge the images."""
@@ -228,8 +265,8 @@ class PolicyLoss:
         cfg = self.cfg
         pick = torch.randint(len(self.prompts), (cfg.prompts,), generator=g).tolist()
         specs = [self.specs[i] for i in pick for _ in range(cfg.group)]
-        ctx = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder,
-                             [self.prompts[i] for i in pick for _ in range(cfg.group)]).float()
+        prompts = [self.prompts[i] for i in pick for _ in range(cfg.group)]
+        ctx = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts).float()  # no grad
         axes = mirror_axes([self.specs[i] for i in pick])
         draws = []  # every noise draw, the starting latents first
 
@@ -248,7 +285,25 @@ class PolicyLoss:
         judged = [self.reward_fn(img, s) for img, s in zip(images, specs)]
         rewards = torch.tensor([r for r, _ in judged], dtype=torch.float32).view(cfg.prompts, cfg.group)
         return Drawn(ctx, taken, rewards, group_advantages(rewards).flatten(), [ok for _, ok in judged],
-                     latents, draws, images, specs, [self.categories[i] for i in pick for _ in range(cfg.group)])
+                     latents, draws, images, specs, [self.categories[i] for i in pick for _ in range(cfg.group)],
+                     prompts)
+
+    def context(self, model, batch: "Drawn") -> torch.Tensor:
+        """The samples' text states: as drawn, or encoded again through a tower that trains along."""
+        from .sampling import prompt_ids
+
+        if isinstance(model, WithTower):
+            return model.text_encoder(prompt_ids(self.pipe.tokenizer, batch.prompts))[0].float()
+        return batch.ctx
+
+    @torch.no_grad()
+    def reference_context(self, batch: "Drawn") -> torch.Tensor:
+        """The text states the frozen reference UNet reads: the starting tower's."""
+        from .sampling import encode_prompts
+
+        if self.reference_tower is None:
+            return batch.ctx
+        return encode_prompts(self.pipe.tokenizer, self.reference_tower, batch.prompts).float()
 
     def objective(self, model, batch: "Drawn") -> tuple[torch.Tensor, float]:
         """Minus the advantage-weighted log-probability of every step the samples took (plus the KL
@@ -256,14 +311,15 @@ class PolicyLoss:
         n, live, kl_total = len(batch.advantages), batch.live, 0.0
         if not len(live):  # every group judged all alike: nothing to learn, a zero step
             return sum(p.sum() * 0 for p in model.parameters()), 0.0
-        loss = torch.zeros(())
+        loss, ctx = torch.zeros(()), self.context(model, batch)[live]
+        ctx_ref = self.reference_context(batch)[live] if self.reference is not None else None
         for x, t, x_next, a_next in batch.taken:
             step = (x[live], t, x_next[live], a_next)
-            logp, d = self.policy.log_prob(model, step, batch.ctx[live])
+            logp, d = self.policy.log_prob(model, step, ctx)
             loss = loss - (batch.advantages[live] * logp).sum() / n
             if self.reference is not None:
                 with torch.no_grad():
-                    d_ref = self.policy.denoised(self.reference, step[0], t, batch.ctx[live])
+                    d_ref = self.policy.denoised(self.reference, step[0], t, ctx_ref)
                 kl = (a_next * (d - d_ref) ** 2).mean((1, 2, 3)) / (2 * (1 - a_next))
                 loss = loss + self.cfg.kl * kl.sum() / n
                 kl_total += kl.mean().item()
@@ -302,24 +358,27 @@ class RepairLoss(PolicyLoss):
         (z_win, rows_win), (z_lose, rows_lose), repaired = self.pairs(batch)
         n = len(rows_win)
         stats = {**batch.stats(), "repaired": repaired / len(batch.passed), "pairs": n / len(batch.passed)}
+        reach, reached = self.reach_loss(model, batch)
+        stats.update(reached)
         if not n:
-            return sum(p.sum() * 0 for p in model.parameters()), stats
+            return reach + sum(p.sum() * 0 for p in model.parameters()), stats
         later = len(self.policy.timesteps) - 1
         steps = [0] + ([1 + int(torch.randint(later, (1,), generator=g))] if later else [])
         z, rows = torch.cat([z_win, z_lose]), torch.cat([rows_win, rows_lose])
+        ctx, ctx_ref = self.context(model, batch)[rows], self.reference_context(batch)[rows]
         loss, margin = torch.zeros(()), 0.0
         for k in steps:
             t = self.policy.timesteps[k]
             a = self.policy.alphas[t]
             x = a.sqrt() * z + (1 - a).sqrt() * batch.noises[k][rows]
-            err = ((self.policy.denoised(model, x, t, batch.ctx[rows]) - z) ** 2).mean((1, 2, 3))
+            err = ((self.policy.denoised(model, x, t, ctx) - z) ** 2).mean((1, 2, 3))
             with torch.no_grad():
-                err_ref = ((self.policy.denoised(self.reference, x, t, batch.ctx[rows]) - z) ** 2).mean((1, 2, 3))
+                err_ref = ((self.policy.denoised(self.reference, x, t, ctx_ref) - z) ** 2).mean((1, 2, 3))
             gain = err - err_ref  # how much more easily than the starting UNet (negative: more easily)
             diff = gain[:n] - gain[n:]
             loss = loss - torch.nn.functional.logsigmoid(-self.cfg.beta * diff).mean()
             margin += (-diff).mean().item()
-        return loss / len(steps), {**stats, "margin": margin / len(steps)}
+        return loss / len(steps) + reach, {**stats, "margin": margin / len(steps)}
 
     @torch.no_grad()
     def pairs(self, batch: "Drawn") -> tuple[tuple, tuple, int]:
@@ -366,6 +425,7 @@ class Drawn:
     images: np.ndarray | None = None
     specs: list | None = None  # the parsed prompt of each sample
     categories: list | None = None  # the category of each sample's prompt
+    prompts: list | None = None  # each sample's prompt
 
     def stats(self) -> dict:
         """Mean reward and pass rate, overall and (with more than one category) per category."""
@@ -412,20 +472,27 @@ def tune(model: str | Path, out: str | Path | None, cfg: TuneCfg, in_place: bool
         shutil.rmtree(work, ignore_errors=True)
     unet = pipe.fast_unet.train().requires_grad_(True)  # the engine's optimiser takes this module's parameters only
     loss_fn = (RepairLoss if cfg.objective == "repair" else PolicyLoss)(pipe, cfg, reward_fn)
+    trained, lr_scales = unet, {}
+    if cfg.tower_lr > 0:
+        trained = WithTower(unet, pipe.text_encoder.train().requires_grad_(True))
+        lr_scales = {"text_encoder.": cfg.tower_lr / cfg.lr} if cfg.lr > 0 else {}
     engine = Engine(work, cfg.seed, checkpoint_every=cfg.checkpoint_every, eval_every=10**9, log_every=5,
                     progress=progress)
     t0 = time.time()
-    metrics = engine.run(StageSpec("tune", unet, loss_fn, cfg.steps, cfg.lr, cfg.warmup, cfg.prompts * cfg.group))
+    metrics = engine.run(StageSpec("tune", trained, loss_fn, cfg.steps, cfg.lr, cfg.warmup, cfg.prompts * cfg.group,
+                                   lr_scales=lr_scales))
     record = {"config": {**asdict(cfg), "categories": list(cfg.categories)}, "seconds": round(time.time() - t0, 1),
               "steps_per_sample": len(loss_fn.policy.timesteps), "guidance": loss_fn.policy.guidance,
               "last": metrics}
-    _publish(unet.eval(), model, sub, target, work, in_place, record)
+    tower = pipe.text_encoder.eval() if cfg.tower_lr > 0 else None
+    _publish(unet.eval(), model, sub, target, work, in_place, record, tower)
     return target
 
 
-def _publish(unet, model: Path, sub: str, target: Path, work: Path, in_place: bool, record: dict) -> None:
-    """The tuned UNet into place: model/unet_lcm itself, or a copy of the model folder (its ONNX
-    export left out: it was made from the old weights)."""
+def _publish(unet, model: Path, sub: str, target: Path, work: Path, in_place: bool, record: dict,
+             tower=None) -> None:
+    """The tuned UNet (and a tower trained along) into place: model/unet_lcm itself, or a copy of the
+    model folder (its ONNX export left out: it was made from the old weights)."""
     from .distill import _card
     from .files import atomic_write_text, publish_dir
     from .train import versions
@@ -435,17 +502,24 @@ def _publish(unet, model: Path, sub: str, target: Path, work: Path, in_place: bo
     card.setdefault("tuned", []).append({**record, "unet": sub, "versions": versions()})
     if in_place:
         unet.save_pretrained(work / "unet")
+        if tower is not None:
+            tower.save_pretrained(work / "text_encoder")
         publish_dir(work / "unet", target)
+        if tower is not None:
+            publish_dir(work / "text_encoder", model / "text_encoder")
         shutil.rmtree(work, ignore_errors=True)
         atomic_write_text(model / "sfumato.json", json.dumps(card, indent=1, default=str))
         return
+    replaced = ("onnx", sub, "logs") + (("text_encoder",) if tower is not None else ())
     for part in model.iterdir():
-        if part.name not in ("onnx", sub, "logs") and not part.name.endswith(".partial"):
+        if part.name not in replaced and not part.name.endswith(".partial"):
             (shutil.copytree if part.is_dir() else shutil.copy2)(part, work / part.name)
     unet.save_pretrained(work / sub)
+    if tower is not None:
+        tower.save_pretrained(work / "text_encoder")
     (work / "sfumato.json").write_text(json.dumps(card, indent=1, default=str))  # logs/ stays: the run's metrics
     publish_dir(work, target)
 
 
 __all__ = ["TuneCfg", "tune", "training_prompts", "verdict_reward", "group_advantages", "antithetic_noise",
-           "FewStepPolicy", "PolicyLoss", "RepairLoss"]
+           "FewStepPolicy", "PolicyLoss", "RepairLoss", "WithTower"]

@@ -33,6 +33,10 @@ def tune_cmd(
                                   "repair: preferences for repaired copies of samples with only the relation "
                                   "wrong, and for passing samples over failed ones (Diffusion-DPO)."),
     beta: float = typer.Option(2000.0, "--beta", help="Preference strength of the repair objective."),
+    tower_lr: float = typer.Option(0.0, "--tower-lr", help="Train the text tower along at this learning rate "
+                                   "(0: frozen). The full-step UNet then reads the new tower as well."),
+    reach: float = typer.Option(0.0, "--reach", help="With --tower-lr: weight of a term that asks the tower to "
+                                "carry a prompt's relation into the words after it."),
     no_mirror: bool = typer.Option(False, "--no-mirror", help="Independent noise for every sample of a group."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompts and noise drawn."),
     resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run from its last checkpoint."),
@@ -43,7 +47,7 @@ def tune_cmd(
     from ..reward_tuning import TuneCfg, tune
 
     cfg = TuneCfg(steps=steps, prompts=prompts, group=group, lr=lr, partial=partial, kl=kl, mirror=not no_mirror,
-                  objective=objective, beta=beta, seed=seed,
+                  objective=objective, beta=beta, seed=seed, tower_lr=tower_lr, reach=reach,
                   categories=tuple(c.strip() for c in categories.split(",") if c.strip()))
     path = tune(model, out_dir, cfg, in_place=in_place, resume=resume, overwrite=overwrite)
     out.print(f"tuned few-step UNet in {path}")

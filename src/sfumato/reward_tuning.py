@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import random
 import shutil
 import time
@@ -256,7 +257,7 @@ class PolicyLoss:
         if self.cfg.reach <= 0 or not isinstance(model, WithTower):
             return torch.zeros(()), {}
         loss, mean = reach_loss(self.pipe.tokenizer, model.text_encoder, batch.prompts or [], self.cfg.reach_target)
-        return self.cfg.reach * loss, ({"reach": mean} if mean == mean else {})
+        return self.cfg.reach * loss, ({} if math.isnan(mean) else {"reach": mean})  # NaN: no relation prompt drawn
 
     def draw(self, model, g: torch.Generator) -> "Drawn":
         """Sample `prompts` prompts `group` times each with the current UNet, and judge the images."""

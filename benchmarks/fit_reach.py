@@ -5,9 +5,8 @@
 Trains `text_encoder/` with `sfumato.text_reach.fit_reach` (a relation flip should change the states
 of the words after the relation by `--target`, relative; all other states stay near the old ones,
 weight `--keep`) and writes MODEL's folder with the new tower to --out (the UNets unchanged, the ONNX
-export left out). Prints the reach and drift at the start and the end, and the change of the states
-after the relation for a left/right swap against a first-colour swap (as `position_failures.py
---text`).
+export left out). Prints the reach and drift at the first and the last step; `python
+benchmarks/position_failures.py --model OUT --text` then compares a left/right swap with a colour swap.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ def main():
     import torch
 
     import sfumato
+    from sfumato.files import publish_dir
     from sfumato.text_reach import fit_reach
 
     torch.set_num_threads(args.threads)
@@ -44,11 +44,9 @@ def main():
         print(f"step {row['step']}: reach {row['reach']:.3f}, short {row['short']:.3f}, drift {row['drift']:.4f}")
     out, work = Path(args.out), Path(args.out + ".partial")
     shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(args.model, work, ignore=shutil.ignore_patterns("onnx", "*.partial"))
-    shutil.rmtree(work / "text_encoder")
+    shutil.copytree(args.model, work, ignore=shutil.ignore_patterns("onnx", "*.partial", "text_encoder"))
     tower.save_pretrained(work / "text_encoder")
-    shutil.rmtree(out, ignore_errors=True)
-    work.rename(out)
+    publish_dir(work, out)
     print(f"{out}: {args.steps} steps in {time.time() - t0:.0f} s, {args.threads} thread(s)")
 
 

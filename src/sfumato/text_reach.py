@@ -79,7 +79,7 @@ def reach_loss(tokenizer, tower, prompts: list[str], target: float) -> tuple[tor
 def fit_reach(tokenizer, tower, steps: int = 300, target: float = 0.3, keep: float = 1.0, lr: float = 1e-3,
               batch: int = 64, seed: int = 0, progress: bool = True) -> tuple[torch.nn.Module, list[dict]]:
     """A copy of `tower` trained until relation flips reach the words after them by `target`, with every
-    state of prompts of all categories held near the starting tower's (mean squared relative error,
+    state of the batch's prompts (half relations, half KEEP_CATEGORIES) held near the starting tower's (mean squared relative error,
     weight `keep`). Prompts are drawn as `sfumato tune` draws them (never one of the held-out
     evaluations; KEEP_CATEGORIES for the held states). Returns the new tower and a log per step."""
     from .progress import start_progress

@@ -68,11 +68,16 @@ class TuneCfg:
     partial: float = 0.5  # reward for the right objects with the relation wrong (1 for a pass)
     kl: float = 0.0  # weight of the KL divergence of each step from the starting UNet's
     mirror: bool = True
-    objective: str = "policy"  # "policy" (the policy gradient) or "repair" (preferences for repaired samples)
+    objective: str = "policy"  # "policy" (the policy gradient), "repair" (preferences for repaired samples)
+    # or "mean" (the first estimate's average made the data's mean, `first_step`)
     beta: float = 2000.0  # the repair objective's preference strength (Diffusion-DPO's beta)
     tower_lr: float = 0.0  # learning rate of the text tower trained along (0: frozen)
     reach: float = 0.0  # weight of the relation's reach into the words after it (needs tower_lr)
     reach_target: float = 0.3  # the relative change of those words' states asked for when the relation flips
+    pool: int = 256  # the mean objective's training prompts (each one's renders are made once)
+    renders: int = 16  # renders per relation averaged into each of the mean objective's data means
+    position_input: bool = False  # grow the UNet's position input first (`stages.with_position_input`)
+    gain: float = 4.0  # the mean objective's relation contrast asked for, in multiples of the data's
     held_out_seeds: tuple[int, ...] = (0, 1)  # evaluation seeds whose prompts are never trained on
     seed: int = 0
     checkpoint_every: int = 50
@@ -80,10 +85,11 @@ class TuneCfg:
 
 RANGES = {"steps": (1, 10**7), "prompts": (1, 4096), "group": (2, 4096), "lr": (0, 1), "warmup": (0, 10**7),
           "partial": (0, 1), "kl": (0, 1000), "tower_lr": (0, 1), "reach": (0, 1000), "reach_target": (0, 10),
-          "beta": (0, 10**7), "checkpoint_every": (1, 10**7)}
+          "beta": (0, 10**7), "checkpoint_every": (1, 10**7), "pool": (1, 10**6), "renders": (1, 4096),
+          "gain": (0, 100)}
 
 
-OBJECTIVES = ("policy", "repair")
+OBJECTIVES = ("policy", "repair", "mean")
 
 
 def check(cfg: TuneCfg) -> None:
@@ -95,7 +101,9 @@ def check(cfg: TuneCfg) -> None:
         raise UsageError(f"tune objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
     if cfg.reach > 0 and cfg.tower_lr <= 0:
         raise UsageError("tune reach trains the text tower: give a tower learning rate (--tower-lr) as well")
-    if cfg.mirror and cfg.group % 2:
+    if cfg.objective == "mean" and cfg.tower_lr > 0:
+        raise UsageError("tune objective mean trains the few-step UNet only; leave out --tower-lr")
+    if cfg.mirror and cfg.group % 2 and cfg.objective != "mean":
         raise UsageError(f"tune group must be even with mirrored noise (half the group mirrors the other), got {cfg.group}")
     bad = [c for c in cfg.categories if c not in spec.CATEGORIES]
     if bad or not cfg.categories:
@@ -204,6 +212,15 @@ class FewStepPolicy:
         return -((x_next - a_next.sqrt() * d) ** 2).mean((1, 2, 3)) / (2 * (1 - a_next)), d
 
 
+def few_step_policy(pipe, steps: int | None = None, guidance: float | None = None) -> FewStepPolicy:
+    """The model's own few-step sampler (LCM, its default steps and guidance unless given) as a policy."""
+    from .pipeline import make_scheduler
+
+    fast = pipe.settings("", scheduler="LCM", steps=steps, guidance=guidance)
+    return FewStepPolicy(make_scheduler("LCM", pipe.scheduler_config), fast.steps, fast.guidance,
+                         pipe.fast_unet.config.time_cond_proj_dim)
+
+
 class WithTower(torch.nn.Module):
     """The few-step UNet with the text tower beside it, so that both train as one module; called, it
     is the UNet (the losses encode the prompts through `text_encoder` themselves)."""
@@ -222,13 +239,10 @@ class PolicyLoss:
 
     def __init__(self, pipe, cfg: TuneCfg, reward_fn: Callable | None = None, steps: int | None = None,
                  guidance: float | None = None):
-        from .pipeline import make_scheduler
         from .shapesworld.checker import parse_prompt
 
-        fast = pipe.settings("", scheduler="LCM", steps=steps, guidance=guidance)  # the model's few-step defaults
         self.pipe, self.cfg = pipe, cfg
-        self.policy = FewStepPolicy(make_scheduler("LCM", pipe.scheduler_config), fast.steps, fast.guidance,
-                                    pipe.fast_unet.config.time_cond_proj_dim)
+        self.policy = few_step_policy(pipe, steps, guidance)
         self.reference = copy.deepcopy(pipe.fast_unet).eval().requires_grad_(False) if cfg.kl > 0 else None
         # with the tower training along, the reference reads the starting tower's states
         self.reference_tower = (copy.deepcopy(pipe.text_encoder).eval().requires_grad_(False)
@@ -472,7 +486,13 @@ def tune(model: str | Path, out: str | Path | None, cfg: TuneCfg, in_place: bool
     if overwrite and not resume:
         shutil.rmtree(work, ignore_errors=True)
     unet = pipe.fast_unet.train().requires_grad_(True)  # the engine's optimiser takes this module's parameters only
-    loss_fn = (RepairLoss if cfg.objective == "repair" else PolicyLoss)(pipe, cfg, reward_fn)
+    from .first_step import MeanLoss
+
+    loss_fn = {"policy": PolicyLoss, "repair": RepairLoss, "mean": MeanLoss}[cfg.objective](pipe, cfg, reward_fn)
+    if cfg.position_input:  # after the losses took their reference: that stays the UNet as it was
+        from .stages import with_position_input
+
+        unet = pipe.fast_unet = with_position_input(unet).train().requires_grad_(True)
     trained, lr_scales = unet, {}
     if cfg.tower_lr > 0:
         trained = WithTower(unet, pipe.text_encoder.train().requires_grad_(True))
@@ -523,4 +543,4 @@ def _publish(unet, model: Path, sub: str, target: Path, work: Path, in_place: bo
 
 
 __all__ = ["TuneCfg", "tune", "training_prompts", "verdict_reward", "group_advantages", "antithetic_noise",
-           "FewStepPolicy", "PolicyLoss", "RepairLoss", "WithTower"]
+           "FewStepPolicy", "PolicyLoss", "RepairLoss", "WithTower", "few_step_policy"]

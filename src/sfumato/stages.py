@@ -169,6 +169,26 @@ def load_unet_weights(unet, folder) -> None:
         torch.nn.init.zeros_(unet.add_embedding.norm2.bias)
 
 
+def with_position_input(unet):
+    """The same UNet with the position input (`unet.position_input`): conv_in widened to the position
+    kernel over the centred input, its old taps in the middle and the outer ones seeded as ramps
+    (`_widen_conv_in`). Plain diffusers loads the result (two config keys). A UNet that has it already
+    is returned as it is."""
+    from diffusers import UNet2DConditionModel
+
+    from .models import position_kernel
+
+    kernel = position_kernel(unet.config.sample_size)
+    if unet.config.center_input_sample and unet.config.conv_in_kernel == kernel:
+        return unet
+    grown = UNet2DConditionModel.from_config({**unet.config, "center_input_sample": True, "conv_in_kernel": kernel})
+    weights = unet.state_dict()
+    weights["conv_in.weight"], weights["conv_in.bias"] = _widen_conv_in(
+        weights["conv_in.weight"], weights["conv_in.bias"], kernel, unet.config.center_input_sample)
+    grown.load_state_dict(weights)
+    return grown.to(unet.dtype)
+
+
 def _widen_conv_in(w: torch.Tensor, b: torch.Tensor, kernel: int, centred: bool):
     """A saved conv_in in the middle of a wider kernel that reads the centred input 2x - 1: halved,
     with the bias taking back the shift, it computes what it did everywhere but at the border cells.

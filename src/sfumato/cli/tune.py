@@ -31,8 +31,17 @@ def tune_cmd(
     kl: float = typer.Option(0.0, "--kl", help="Weight of each step's divergence from the starting UNet."),
     objective: str = typer.Option("policy", "--objective", help="policy: the policy gradient on the verdicts; "
                                   "repair: preferences for repaired copies of samples with only the relation "
-                                  "wrong, and for passing samples over failed ones (Diffusion-DPO)."),
+                                  "wrong, and for passing samples over failed ones (Diffusion-DPO); mean: the "
+                                  "first step's average over noises made the mean of the prompt's renders."),
     beta: float = typer.Option(2000.0, "--beta", help="Preference strength of the repair objective."),
+    pool: int = typer.Option(256, "--pool", help="Training prompts of the mean objective."),
+    renders: int = typer.Option(16, "--renders", help="Renders per relation averaged into each prompt's means "
+                                "(mean objective)."),
+    gain: float = typer.Option(4.0, "--gain", help="The relation's contrast asked of the first step, in multiples "
+                               "of the data's (mean objective)."),
+    position_input: bool = typer.Option(False, "--position-input", help="First grow the few-step UNet's input "
+                                        "convolution so that every cell reads where it is (plain diffusers keys "
+                                        "center_input_sample and conv_in_kernel)."),
     tower_lr: float = typer.Option(0.0, "--tower-lr", help="Train the text tower along at this learning rate "
                                    "(0: frozen). The full-step UNet then reads the new tower as well."),
     reach: float = typer.Option(0.0, "--reach", help="With --tower-lr: weight of a term that asks the tower to "
@@ -42,12 +51,13 @@ def tune_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder or unfinished run."),
 ) -> None:
-    """Tune a few-step model on the ShapesWorld scene checker's verdicts (group-relative policy gradient,
-    or preferences for repaired samples)."""
+    """Tune a few-step model on ShapesWorld prompts: the scene checker's verdicts (group-relative policy
+    gradient, or preferences for repaired samples), or the first step's average matched to the data's."""
     from ..reward_tuning import TuneCfg, tune
 
     cfg = TuneCfg(steps=steps, prompts=prompts, group=group, lr=lr, partial=partial, kl=kl, mirror=not no_mirror,
-                  objective=objective, beta=beta, seed=seed, tower_lr=tower_lr, reach=reach,
+                  objective=objective, beta=beta, pool=pool, renders=renders, gain=gain, position_input=position_input,
+                  seed=seed, tower_lr=tower_lr, reach=reach,
                   categories=tuple(c.strip() for c in categories.split(",") if c.strip()))
     path = tune(model, out_dir, cfg, in_place=in_place, resume=resume, overwrite=overwrite)
     out.print(f"tuned few-step UNet in {path}")

@@ -23,7 +23,8 @@ def tune_cmd(
     in_place: bool = typer.Option(False, "--in-place", help="Replace MODEL's few-step UNet instead (at the end)."),
     steps: int = typer.Option(300, "--steps", help="Policy updates."),
     prompts: int = typer.Option(8, "--prompts", help="ShapesWorld prompts drawn per update."),
-    group: int = typer.Option(8, "--group", help="Samples per prompt, half of them mirrored (even)."),
+    group: int = typer.Option(8, "--group", help="Samples per prompt, half of them mirrored (even); "
+                              "with --objective mean, starting noises per relation variant."),
     categories: str = typer.Option("position", "--categories", help="Comma-separated evaluation categories whose "
                                    "prompts are drawn."),
     lr: float = typer.Option(1e-4, "--lr"),

@@ -10,26 +10,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_distill import QUICK, sample_carried_unet_in_plain_diffusers
-from test_generate import build_tiny_sd
+from test_distill import sample_carried_unet_in_plain_diffusers
 from test_reward_tuning import TINY
 
 from sfumato.cli import main
-from sfumato.distill import DistillCfg, distill
 from sfumato.first_step import (MeanLoss, data_contrast, data_contrasts, model_contrast, relation_variants,
                                 scenes_for)
 from sfumato.reward_tuning import TuneCfg, tune
 from sfumato.shapesworld.checker import judge, parse_prompt
 
 MEAN = dict(TINY, objective="mean", pool=4, renders=2)
-
-
-@pytest.fixture(scope="module")
-def carrying(tmp_path_factory):
-    """A tiny model that carries a distilled UNet (`distill --attach`)."""
-    model = build_tiny_sd(tmp_path_factory.mktemp("mean") / "model")
-    distill(model, None, DistillCfg(**QUICK), attach=True, progress=False)
-    return model
 
 
 def test_variants_turn_the_relation_and_keep_the_wording():

@@ -9,11 +9,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_distill import QUICK, sample_carried_unet_in_plain_diffusers
+from test_distill import sample_carried_unet_in_plain_diffusers
 from test_generate import build_tiny_sd
 
 from sfumato.cli import main
-from sfumato.distill import DistillCfg, distill
 from sfumato.errors import UsageError
 from sfumato.evaluate import evaluation_prompts
 from sfumato.reward_tuning import (Drawn, FewStepPolicy, PolicyLoss, RepairLoss, TuneCfg, WithTower, antithetic_noise,
@@ -27,14 +26,6 @@ TINY = dict(steps=2, prompts=2, group=4, checkpoint_every=1)
 def bright(image, prompt):
     """A reward every tiny random model earns in part: the image's mean brightness."""
     return float(image.mean() / 255), False
-
-
-@pytest.fixture(scope="module")
-def carrying(tmp_path_factory):
-    """A tiny model that carries a distilled UNet (`distill --attach`)."""
-    model = build_tiny_sd(tmp_path_factory.mktemp("tune") / "model")
-    distill(model, None, DistillCfg(**QUICK), attach=True, progress=False)
-    return model
 
 
 def test_training_prompts_leave_the_evaluation_prompts_out():

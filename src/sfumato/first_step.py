@@ -70,12 +70,10 @@ def relation_variants(prompt: PromptSpec) -> list[PromptSpec]:
     (the n-th phrase of one relation becomes the n-th of another, or its last); [prompt] when it names none."""
     if prompt.relation is None:
         return [prompt]
-    words = spec.RELATION_WORDS[prompt.relation]
-    k = words.index(prompt.relation_phrase)
     out = [prompt]
     for r in spec.RELATIONS:
         if r != prompt.relation:
-            phrase = spec.RELATION_WORDS[r][min(k, len(spec.RELATION_WORDS[r]) - 1)]
+            phrase = spec.phrase_for(prompt.relation_phrase, r)
             text = f" {prompt.text} ".replace(f" {prompt.relation_phrase} ", f" {phrase} ", 1).strip()
             out.append(dataclasses.replace(prompt, text=text, relation=r, relation_phrase=phrase))
     return out
@@ -131,12 +129,11 @@ class MeanLoss:
         self.contrasts: dict[int, torch.Tensor] = {}  # prompt index -> data contrast, rendered when first drawn
         shape = pipe.fast_unet.config
         self.latent_shape = (shape.in_channels, shape.sample_size, shape.sample_size)
-        self.res = shape.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # the renders' size
 
     def data_contrasts(self, i: int) -> torch.Tensor:
         if i not in self.contrasts:
             self.contrasts[i] = data_contrasts(self.pipe.vae, self.variants[i][0], self.cfg.renders,
-                                               f"sfumato-mean/{self.cfg.seed}/{i}", self.res)
+                                               f"sfumato-mean/{self.cfg.seed}/{i}", self.pipe.native)
         return self.contrasts[i]
 
     def __call__(self, model, g: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -145,20 +142,16 @@ class MeanLoss:
         cfg, policy, G = self.cfg, self.policy, self.cfg.group
         pick = torch.randint(len(self.variants), (cfg.prompts,), generator=g).tolist()
         t0 = policy.timesteps[0]
-        zs, ctxs, refs, shifts = [], [], [], []
+        counts = [len(self.variants[i]) for i in pick]
+        # every relation variant of a prompt over the same noises, all prompts in one batch
+        z = torch.cat([torch.randn((G, *self.latent_shape), generator=g).repeat(n, 1, 1, 1) for n in counts])
         with torch.no_grad():
-            for i in pick:  # every relation variant of the prompt over the same noises
-                n = len(self.variants[i])
-                z = torch.randn((G, *self.latent_shape), generator=g).repeat(n, 1, 1, 1)
-                ctx = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder,
-                                     [v.text for v in self.variants[i] for _ in range(G)]).float()
-                est = policy.denoised(self.reference, z, t0, ctx)
-                shift = cfg.gain * (self.data_contrasts(i) - model_contrasts(est.view(n, G, *self.latent_shape)))
-                zs.append(z)
-                ctxs.append(ctx)
-                refs.append(est)
-                shifts.append(shift.repeat_interleave(G, 0))
-        z, ctx, ref, shift = torch.cat(zs), torch.cat(ctxs), torch.cat(refs), torch.cat(shifts)
+            ctx = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder,
+                                 [v.text for i in pick for v in self.variants[i] for _ in range(G)]).float()
+            ref = policy.denoised(self.reference, z, t0, ctx)
+            shift = torch.cat([
+                cfg.gain * (self.data_contrasts(i) - model_contrasts(est.view(n, G, *self.latent_shape)))
+                for i, n, est in zip(pick, counts, ref.split([n * G for n in counts]))]).repeat_interleave(G, 0)
         first = ((policy.denoised(model, z, t0, ctx) - ref - shift) ** 2).mean()
         loss, stats = first, {"first": first.item(), "shift": shift.pow(2).mean().item()}
         later = policy.timesteps[1:]

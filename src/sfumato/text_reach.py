@@ -25,7 +25,6 @@ from .shapesworld import spec
 # the categories whose prompts are held near the old states: those with prompts enough beyond the held-out
 # evaluations (single objects, colours, sizes and plain pairs are all among them; these prompts name those words too)
 KEEP_CATEGORIES = ("background", "counting", "position", "attribute_binding", "text")
-OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 
 
 def flipped_relation(prompt: str) -> str | None:
@@ -35,7 +34,7 @@ def flipped_relation(prompt: str) -> str | None:
     if not found:
         return None
     _, word, rel = max(found)
-    twin = spec.RELATION_WORDS[OPPOSITE[rel]][spec.RELATION_WORDS[rel].index(word)]
+    twin = spec.phrase_for(word, spec.OPPOSITE[rel])
     return f" {prompt} ".replace(f" {word} ", f" {twin} ", 1).strip()
 
 
@@ -79,9 +78,9 @@ def reach_loss(tokenizer, tower, prompts: list[str], target: float) -> tuple[tor
 def fit_reach(tokenizer, tower, steps: int = 300, target: float = 0.3, keep: float = 1.0, lr: float = 1e-3,
               batch: int = 64, seed: int = 0, progress: bool = True) -> tuple[torch.nn.Module, list[dict]]:
     """A copy of `tower` trained until relation flips reach the words after them by `target`, with every
-    state of the batch's prompts (half relations, half KEEP_CATEGORIES) held near the starting tower's (mean squared relative error,
-    weight `keep`). Prompts are drawn as `sfumato tune` draws them (never one of the held-out
-    evaluations; KEEP_CATEGORIES for the held states). Returns the new tower and a log per step."""
+    state of the batch's prompts (half relations, half KEEP_CATEGORIES) held near the starting tower's
+    (mean squared relative error, weight `keep`). Prompts are drawn as `sfumato tune` draws them (never
+    one of the held-out evaluations). Returns the new tower and a log per step."""
     from .progress import start_progress
     from .reward_tuning import training_prompts
     from .sampling import prompt_ids

@@ -20,8 +20,7 @@ from . import spec
 from .checker import ParsedObject, ParsedScene, PromptSpec, _mismatches, check, parse_image
 from .render import Obj, Scene, _free_positions, _relation_ok, render
 
-# "a rel b" read from b's side.
-CONVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+CONVERSE = spec.OPPOSITE  # "a rel b" read from b's side
 
 
 def _as_obj(o: ParsedObject) -> Obj:

@@ -59,6 +59,14 @@ RELATION_WORDS = {
     "below": ("below", "under", "beneath"),
 }
 WORD_RELATION = {w: r for r, words in RELATION_WORDS.items() for w in words}
+OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}  # "a rel b" is "b OPPOSITE[rel] a"
+
+
+def phrase_for(phrase: str, relation: str) -> str:
+    """The phrase of `relation` in the place `phrase` has among its own relation's ("to the left of" ->
+    "to the right of", "over" -> "under"; the last where the other has fewer)."""
+    words = RELATION_WORDS[relation]
+    return words[min(RELATION_WORDS[WORD_RELATION[phrase]].index(phrase), len(words) - 1)]
 RELATION_MIN_OFFSET = 12  # px along the named axis, generator side
 
 NUMBERS = {"two": 2, "three": 3, "four": 4}

@@ -1,20 +1,29 @@
-"""What the first step's mean layout is worth, and how much of it a model has (docs/recipe.md, round 16).
+"""What the first step's mean layout is worth, and how much of it a model has (docs/recipe.md, rounds
+16 and 17).
 
     python benchmarks/first_step_shift.py MODEL --seed 0 --gains 0,4,8      # position pass rates
     python benchmarks/first_step_shift.py MODEL --seed 1 --grid shift.png   # and a grid to look at
+    python benchmarks/first_step_shift.py MODEL --shift mean --gains 0,1,2,4
+    python benchmarks/first_step_shift.py MODEL --shift prior --gains 0,2,4,6  # the model's own mean prior
     python benchmarks/first_step_shift.py MODEL OTHER --probe               # the contrast each one draws
+    python benchmarks/first_step_shift.py MODEL --probe-prior               # its prior against the data's mean
 
 Pass rates: for each position prompt of the evaluation at `--seed` (50), `--group` samples at default
-settings (the few-step sampler), their first estimate moved by `gain` times the relation contrast of
-`sfumato.first_step` (the data's, from `--renders` renders per relation, less the model's own, over 32
-shared noises), then sampled on with the same noises. Gain 0 is the model as it is. This is a study
-of what a first step that knew its mean would buy; it reads the prompt's scene and is never a
-generation path.
+settings (the few-step sampler), their first estimate moved by `gain` times a shift, then sampled on
+with the same noises. Gain 0 is the model as it is. The shifts:
+
+- `contrast`: the relation contrast of `sfumato.first_step` (the data's, from `--renders` renders per
+  relation, less the model's own, over 32 shared noises);
+- `mean`: the renders' plain mean latent (`--renders` × 2 of them) less the model's mean first estimate
+  (32 noises), its per-channel mean over the canvas taken out: what an exact mean prior would give;
+- `prior`: the model's own mean prior (`sfumato.mean_prior`; `generate --mean-prior` is this, and
+  the other two read the prompt's scene and are never a generation path).
 
 `--probe`: for the first 20 of those prompts, the model's own relation contrast (its mean first
 estimate under the prompt less the mean over the four relations, 32 shared noises) against the
 data's (64 renders per relation): the cosine, and the projection in multiples of the data's
-(`--objective mean` asks for `--gain`). One thread.
+(`--objective mean` asks for `--gain`). `--probe-prior`: the model's mean prior against the `mean`
+shift (64 renders) on the same prompts, likewise. One thread.
 """
 
 from __future__ import annotations
@@ -31,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import sfumato  # noqa: E402
 from sfumato.evaluate import evaluation_prompts  # noqa: E402
-from sfumato.first_step import data_contrast, model_contrast, relation_variants  # noqa: E402
+from sfumato.first_step import data_contrast, model_contrast, relation_variants, scenes_for  # noqa: E402
+from sfumato.mean_prior import centred, layout_shift  # noqa: E402
 from sfumato.reward_tuning import few_step_policy, verdict_reward  # noqa: E402
-from sfumato.sampling import decode_latents, encode_prompts  # noqa: E402
+from sfumato.sampling import decode_latents, encode_images, encode_prompts  # noqa: E402
 from sfumato.shapesworld.checker import parse_prompt  # noqa: E402
 
 
@@ -46,7 +56,19 @@ def own_contrast(pipe, policy, prompt, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pass_rates(pipe, seed: int, gains: list[float], group: int, renders: int, grid: Path | None) -> dict:
+def mean_shift(pipe, policy, prompt, text: str, z: torch.Tensor, renders: int, seed: str) -> torch.Tensor:
+    """The renders' mean latent less the model's mean first estimate over the noises z, centred."""
+    import random
+
+    images = scenes_for(prompt, renders, random.Random(seed), pipe.native)
+    data = encode_images(pipe.vae, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)).float().mean(0)
+    ctx = encode_prompts(pipe.tokenizer, pipe.text_encoder, [text] * len(z)).float()
+    return centred(data - policy.denoised(pipe.fast_unet.eval(), z, policy.timesteps[0], ctx).mean(0))
+
+
+@torch.no_grad()
+def pass_rates(pipe, seed: int, gains: list[float], group: int, renders: int, grid: Path | None,
+               kind: str = "contrast") -> dict:
     c = pipe.fast_unet.config
     policy, shape = few_step_policy(pipe), (c.in_channels, c.sample_size, c.sample_size)
     prompts = [p for c, p in evaluation_prompts(50, seed) if c == "position"]
@@ -56,9 +78,15 @@ def pass_rates(pipe, seed: int, gains: list[float], group: int, renders: int, gr
     for k, text in enumerate(prompts):
         prompt = parse_prompt(text)
         g = torch.Generator().manual_seed(1000 * seed + k)
-        shift = (data_contrast(pipe.vae, prompt, renders, f"first-step-shift/{seed}/{k}")
-                 - own_contrast(pipe, policy, prompt, torch.randn((32, *shape), generator=g)))
         ctx = encode_prompts(pipe.tokenizer, pipe.text_encoder, [text] * group).float()
+        if kind == "prior":
+            shift = layout_shift(pipe.prior, ctx[:1], 1.0, shape[1:])
+        elif kind == "mean":
+            shift = mean_shift(pipe, policy, prompt, text, torch.randn((32, *shape), generator=g), 2 * renders,
+                               f"first-step-shift/{seed}/{k}")
+        else:
+            shift = (data_contrast(pipe.vae, prompt, renders, f"first-step-shift/{seed}/{k}")
+                     - own_contrast(pipe, policy, prompt, torch.randn((32, *shape), generator=g)))
         noises = [torch.randn((group, *shape), generator=g) for _ in policy.timesteps]
         first = policy.denoised(pipe.fast_unet, noises[0], policy.timesteps[0], ctx)
         for gain in gains:
@@ -105,6 +133,25 @@ def probe(models: list[str]) -> None:
         print(f"{name}: cosine {np.mean(cos):.3f}, projection {np.mean(proj):.3f} x the data's contrast", flush=True)
 
 
+@torch.no_grad()
+def probe_prior(name: str) -> None:
+    pipe = sfumato.load(name, onnx=False)
+    if pipe.prior is None:
+        raise SystemExit(f"{name} has no mean prior (sfumato prior MODEL)")
+    policy, cos, proj = few_step_policy(pipe), [], []
+    c = pipe.fast_unet.config
+    for k, (_, text) in enumerate([p for p in evaluation_prompts(50, 0) if p[0] == "position"][:20]):
+        g = torch.Generator().manual_seed(k)
+        z = torch.randn((32, c.in_channels, c.sample_size, c.sample_size), generator=g)
+        want = mean_shift(pipe, policy, parse_prompt(text), text, z, 64, f"first-step-probe/{k}").flatten()
+        ctx = encode_prompts(pipe.tokenizer, pipe.text_encoder, [text]).float()
+        own = layout_shift(pipe.prior, ctx, 1.0, tuple(z.shape[-2:])).flatten()
+        cos.append(torch.nn.functional.cosine_similarity(own, want, 0).item())
+        proj.append((own @ want / (want @ want)).item())
+    print(f"{name}: mean prior against the data's mean less the model's: cosine {np.mean(cos):.3f}, "
+          f"projection {np.mean(proj):.3f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="+")
@@ -113,17 +160,23 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--renders", type=int, default=16)
     ap.add_argument("--grid", type=Path)
+    ap.add_argument("--shift", choices=("contrast", "mean", "prior"), default="contrast")
     ap.add_argument("--probe", action="store_true")
+    ap.add_argument("--probe-prior", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.probe:
         probe(args.models)
         return
+    if args.probe_prior:
+        for name in args.models:
+            probe_prior(name)
+        return
     for name in args.models:
         results = pass_rates(sfumato.load(name, onnx=False), args.seed, [float(g) for g in args.gains.split(",")],
-                             args.group, args.renders, args.grid)
+                             args.group, args.renders, args.grid, args.shift)
         for gain, r in results.items():
-            print(f"{name} seed {args.seed} gain {gain:g}: pass {r['pass']:.3f}, "
+            print(f"{name} seed {args.seed} {args.shift} gain {gain:g}: pass {r['pass']:.3f}, "
                   f"objects right {r['objects_right']:.3f} "
                   f"({r['samples']} samples)")
 

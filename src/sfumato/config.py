@@ -352,6 +352,7 @@ MAX_STEPS = 1000
 MAX_IMAGES = 256
 MAX_GUIDANCE = 50.0
 MAX_LAYOUT_SEARCH = 16  # candidate noises per image
+MAX_MEAN_PRIOR = 16.0  # gain of the mean prior
 
 
 @dataclass
@@ -371,6 +372,9 @@ class GenerationSettings:
     # Candidate noises for a prompt that names a spatial relation (sfumato.layout); 0: off. Opt-in: it
     # chooses among samples, so what the model draws by itself is measured without it.
     layout_search: int = 0
+    # Gain of the model's mean prior (sfumato.mean_prior) on the first few-step estimate; 0: off. A model
+    # with a prior says its own in its card.
+    mean_prior: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def parameters(self, model_name: str, model_hash: str) -> str:
@@ -380,6 +384,8 @@ class GenerationSettings:
                 f"Model: {model_name}"]
         if self.strength is not None:
             line.append(f"Denoising strength: {self.strength:g}")
+        if self.mean_prior:
+            line.append(f"Mean prior: {self.mean_prior:g}")
         line += [f"{k}: {v}" for k, v in self.extra.items()]
         neg = f"\nNegative prompt: {self.negative}" if self.negative else ""
         return f"{self.prompt}{neg}\n" + ", ".join(line)

@@ -73,17 +73,18 @@ def summarize(verdicts: list[dict]) -> dict:
 def evaluate_compositional(pipe, out: Path, per_category: int = 50, seed: int = 0,
                            steps: int | None = None, guidance: float | None = None, scheduler: str | None = None,
                            categories: tuple[str, ...] = spec.CATEGORIES, progress: bool = True,
-                           layout_search: int | None = None) -> dict:
+                           layout_search: int | None = None, mean_prior: float | None = None) -> dict:
     """Generate, judge and report; returns the results dict also written to out/results.json.
-    Steps, guidance, sampler and layout search default to the model's own (Pipeline.settings)."""
+    Steps, guidance, sampler, layout search and mean prior default to the model's own (Pipeline.settings)."""
     from PIL import Image
 
     from .images import save_png
     from .shapesworld.checker import judge
     from .viz import make_grid
 
-    s = pipe.settings("", steps=steps, guidance=guidance, scheduler=scheduler, layout_search=layout_search)
-    steps, guidance, scheduler, layout_search = s.steps, s.guidance, s.scheduler, s.layout_search
+    s = pipe.settings("", steps=steps, guidance=guidance, scheduler=scheduler, layout_search=layout_search,
+                      mean_prior=mean_prior)
+    steps, guidance, scheduler, layout_search, mean_prior = s.steps, s.guidance, s.scheduler, s.layout_search, s.mean_prior
     prompts = evaluation_prompts(per_category, seed, categories)
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
@@ -94,7 +95,8 @@ def evaluate_compositional(pipe, out: Path, per_category: int = 50, seed: int = 
     try:
         for k, (category, prompt) in enumerate(prompts):
             img = pipe.generate(pipe.settings(prompt, seed=seed + k, steps=steps, guidance=guidance,
-                                              scheduler=scheduler, layout_search=layout_search))[0]
+                                              scheduler=scheduler, layout_search=layout_search,
+                                              mean_prior=mean_prior))[0]
             v = judge(img, prompt)
             name = f"{category}-{k:05d}.png"
             save_png(img, out / "images" / name)
@@ -112,6 +114,7 @@ def evaluate_compositional(pipe, out: Path, per_category: int = 50, seed: int = 
                   marks=[m for _, _, m in items]).save(out / f"grid-{category}.png")
     results = {**summarize(verdicts), "model": str(pipe.folder), "model_hash": pipe.hash, "per_category_n": per_category,
                "seed": seed, "steps": steps, "guidance": guidance, "scheduler": scheduler, "layout_search": layout_search,
+               "mean_prior": mean_prior,
                "seconds_per_image": seconds / max(1, len(prompts))}
     _write_json(out / "results.json", results)
     (out / "verdicts.jsonl").write_text("".join(json.dumps(v) + "\n" for v in verdicts), encoding="utf-8")

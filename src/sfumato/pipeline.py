@@ -26,11 +26,13 @@ import torch
 from PIL import Image
 
 from .attention import capture_cross_attention
-from .config import (DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_LAYOUT_SEARCH, MAX_SIDE, MAX_STEPS,
-                     GenerationSettings, parse_parameters)
+from .config import (DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_LAYOUT_SEARCH, MAX_MEAN_PRIOR, MAX_SIDE,
+                     MAX_STEPS, GenerationSettings, parse_parameters)
 from .errors import SfumatoError, UsageError
 from .files import sha256_bytes
 from .layout import candidate_seeds, find_relation, look_ahead, margins
+from .mean_prior import FOLDER as MEAN_PRIOR
+from .mean_prior import MeanPrior, layout_shift
 from .models import load_text_encoder, quiet_libraries
 from .prompts import check_weights, tokenize
 from .prompts import encode as encode_prompt_syntax
@@ -124,14 +126,14 @@ def _card_generation(folder: Path | None) -> tuple[dict, dict]:
             saved = json.loads(card.read_text())
         except (OSError, json.JSONDecodeError):
             saved = {}
-    keep = ("scheduler", "steps", "guidance")
+    keep = ("scheduler", "steps", "guidance", "mean_prior")
     pick = [saved.get(k) if isinstance(saved, dict) else None for k in ("generation", "full_generation")]
     return tuple({k: d[k] for k in keep if k in d} if isinstance(d, dict) else {} for d in pick)
 
 
-def model_hash(folder: Path) -> str:
-    """Short hash of the UNet weights (as A1111 shows a checkpoint hash)."""
-    f = next(iter(sorted((folder / "unet").glob("*.safetensors"))), None)
+def model_hash(folder: Path, part: str = "unet") -> str:
+    """Short hash of the UNet weights (as A1111 shows a checkpoint hash); `part`: another UNet's folder."""
+    f = next(iter(sorted((folder / part).glob("*.safetensors"))), None)
     if f is None:
         return "unknown"
     with open(f, "rb") as fh:
@@ -143,7 +145,7 @@ class Pipeline:
     """The components of a model (from a folder by `load`, or in memory) plus generate()."""
 
     def __init__(self, folder: Path | None, tokenizer, text_encoder, vae, unet, scheduler_config, device="cpu",
-                 name: str | None = None, fast_unet=None):
+                 name: str | None = None, fast_unet=None, prior=None):
         self.folder, self.tokenizer, self.text_encoder = folder, tokenizer, text_encoder
         self.vae, self.unet, self.scheduler_config, self.device = vae, unet, dict(scheduler_config), device
         default = "sfumato-default" if folder == DEFAULT_MODEL else folder.name if folder else "in-memory"
@@ -158,9 +160,12 @@ class Pipeline:
         self.fast_unet = unet if guided else fast_unet
         self.full_unet = None if guided else unet
         self.distilled = self.full_unet is None  # few-step sampling only
+        self.prior = prior  # the mean prior of the few-step UNet (sfumato.mean_prior), if the folder has one
         generation, full = _card_generation(folder)
         if self.fast_unet is not None:
             generation = {"scheduler": "LCM", "steps": FAST_STEPS, **generation}
+        if prior is None:  # a copy of the folder without its prior (or a card written for another)
+            generation.pop("mean_prior", None)
         self.defaults = generation
         self.full_defaults = full if self.fast_unet is not None and self.full_unet is not None else generation
         self.graphs: dict = {}  # ONNX Runtime graphs standing in for the modules (export.graphs_for)
@@ -213,6 +218,14 @@ class Pipeline:
             raise UsageError(f"--num-images must be between 1 and {MAX_IMAGES}, got {n}")
         if not 0 <= s.guidance <= MAX_GUIDANCE:
             raise UsageError(f"--guidance must be between 0 and {MAX_GUIDANCE:g}, got {s.guidance}")
+        if not 0 <= s.mean_prior <= MAX_MEAN_PRIOR:
+            raise UsageError(f"--mean-prior must be between 0 and {MAX_MEAN_PRIOR:g}, got {s.mean_prior:g}")
+        if s.mean_prior and self.prior is None:
+            raise UsageError(f"{self.name} has no mean prior ({MEAN_PRIOR}/); fit one with `sfumato prior MODEL`, "
+                             f"or pass --mean-prior 0")
+        if s.mean_prior and s.scheduler not in DISTILLED_ONLY:
+            raise UsageError(f"the mean prior was fitted to the few-step UNet: it moves the first step of "
+                             f"{' or '.join(DISTILLED_ONLY)} sampling only (got {s.scheduler!r}); pass --mean-prior 0")
         if not 0 <= s.layout_search <= MAX_LAYOUT_SEARCH:
             raise UsageError(f"--layout-search must be between 0 and {MAX_LAYOUT_SEARCH} candidate noises, "
                              f"got {s.layout_search}")
@@ -292,8 +305,10 @@ class Pipeline:
                 latents = torch.empty_like(noise)
                 for idx, cond, uncond in batches:
                     sched = make_scheduler(s.scheduler, self.scheduler_config)  # schedulers hold state
+                    shift = self._first_shift(s, cond, shape) if init is None else None  # img2img: no first step
                     latents[idx] = denoise(runner, sched, cond, uncond, noise[idx], s.steps, s.guidance, callback,
-                                           [gens[i] for i in idx], src["latents"], s.strength or 1.0, src["mask_lat"])
+                                           [gens[i] for i in idx], src["latents"], s.strength or 1.0, src["mask_lat"],
+                                           first_shift=shift)
                 pixels = decode_latents(decoder, latents).numpy()
         if capture and store.calls == 0:
             raise UsageError("explain has nothing to show: at this strength the model never runs (the init image "
@@ -309,6 +324,12 @@ class Pipeline:
                 self.name, self.hash)
             images.append(img)
         return (images, store.maps()) if capture else images
+
+    def _first_shift(self, s: GenerationSettings, cond: torch.Tensor, shape: tuple) -> torch.Tensor | None:
+        """The mean prior's move of the first clean estimate for these text states, or None (off)."""
+        if not s.mean_prior:
+            return None
+        return layout_shift(self.prior, cond, s.mean_prior, shape[1:]).to(cond.device, cond.dtype)
 
     def _search_layouts(self, unet, s: GenerationSettings, texts: list[str], batches, shape, doubled: bool
                         ) -> dict[int, int]:
@@ -334,8 +355,9 @@ class Pipeline:
                         if state["i"] + 1 < until:
                             store.reset()
 
+                    shift = self._first_shift(s, cond[j:j + 1], shape)
                     denoise(unet, sched, cond[j:j + 1].expand(k, -1, -1), uncond[j:j + 1].expand(k, -1, -1), noise,
-                            s.steps, s.guidance, keep_last_step, gens, until=until)
+                            s.steps, s.guidance, keep_last_step, gens, until=until, first_shift=shift)
                 score = margins(store.maps(), rel)
                 drawn[i] = seeds[max(range(k), key=score.__getitem__)]
         return drawn
@@ -393,16 +415,20 @@ def load(model: str | Path | None = None, device: str | None = None, onnx: bool 
         text_encoder = load_text_encoder(folder / "text_encoder", **kw).to(device).eval()
         vae = AutoencoderKL.from_pretrained(folder / "vae", **kw).to(device).eval()
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw).to(device).eval()
-        fast = None
+        fast = prior = None
         if (folder / FAST_UNET).is_dir():
             fast = UNet2DConditionModel.from_pretrained(folder / FAST_UNET, **kw).to(device).eval()
+        if (folder / MEAN_PRIOR).is_dir():
+            prior = MeanPrior.from_pretrained(folder / MEAN_PRIOR, **kw).to(device).eval()
         sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise SfumatoError(f"cannot load model from {folder}: {str(e).splitlines()[0]}") from None
     sched_cfg = {k: v for k, v in sched_cfg.items() if not k.startswith("_")}
     if fast is not None:
         _check_fast_unet(folder, unet, fast)
-    pipe = Pipeline(folder, tokenizer, text_encoder, vae, unet, sched_cfg, device, fast_unet=fast)
+    if prior is not None:
+        _check_prior(folder)
+    pipe = Pipeline(folder, tokenizer, text_encoder, vae, unet, sched_cfg, device, fast_unet=fast, prior=prior)
     if onnx is not False and device == "cpu":
         from .export import graphs_for
 
@@ -433,12 +459,25 @@ def _check_fast_unet(folder: Path, unet, fast) -> None:
                       stacklevel=3)
 
 
+def _check_prior(folder: Path) -> None:
+    """A mean prior is fitted to one few-step UNet's first estimates; say so once that UNet has changed."""
+    try:
+        fitted = json.loads((folder / "sfumato.json").read_text())["mean_prior"]
+        part, fitted_hash = fitted["unet"], fitted["unet_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if model_hash(folder, part) != fitted_hash:
+        warnings.warn(f"{folder / MEAN_PRIOR} was fitted to another {part}/ than the one there now: it moves first "
+                      f"estimates by what that UNet lacked; fit it again with `sfumato prior {folder} --overwrite`",
+                      stacklevel=3)
+
+
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 def _check_weights(folder: Path) -> None:
     """Weights are read from safetensors only: unpickling a .bin file can run any code in it."""
-    for part in ("text_encoder", "vae", "unet", FAST_UNET):
+    for part in ("text_encoder", "vae", "unet", FAST_UNET, MEAN_PRIOR):
         if not (folder / part).is_dir():
             continue
         files = [f for f in (folder / part).iterdir() if f.is_file()]

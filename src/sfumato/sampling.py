@@ -49,20 +49,37 @@ def denoise(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, noise: to
             guidance: float, callback: Callable[[dict], None] | None = None,
             generator: list[torch.Generator] | torch.Generator | None = None,
             init_latents: torch.Tensor | None = None, strength: float = 1.0,
-            mask: torch.Tensor | None = None, until: int | None = None, grad: bool = False) -> torch.Tensor:
+            mask: torch.Tensor | None = None, until: int | None = None, grad: bool = False,
+            first_shift: torch.Tensor | None = None) -> torch.Tensor:
     """Run the sampler from `noise` to x0 latents (with `until`: stop after that many steps).
 
     With `init_latents` (img2img), the first (1 - strength) of the schedule is skipped and sampling
     starts from the noised init; with `mask` (inpainting, 1 = repaint) the unmasked latents are put
     back at each step's noise level (blended diffusion). With `grad`, gradients flow through every
-    step (training through the sampler, `sfumato.relation_reward`)."""
+    step (training through the sampler, `sfumato.relation_reward`). `first_shift` (latent-shaped) moves
+    the first step's estimate of the clean latents (the mean prior, `sfumato.mean_prior`)."""
     with torch.set_grad_enabled(grad):
         return _denoise(unet, scheduler, cond, uncond, noise, steps, guidance, callback, generator,
-                        init_latents, strength, mask, until)
+                        init_latents, strength, mask, until, first_shift)
+
+
+def shifted_prediction(pred: torch.Tensor, shift: torch.Tensor, latents: torch.Tensor, scheduler, t) -> torch.Tensor:
+    """The model output whose clean-latent estimate is the given one's plus `shift`, in the scheduler's
+    prediction type (x0 = a x - s v for v, (x - s eps) / a for epsilon, with a^2 = alpha_bar_t)."""
+    kind = scheduler.config.prediction_type
+    if kind == "sample":
+        return pred + shift
+    a_bar = scheduler.alphas_cumprod.to(latents.device)[int(t)]
+    a, s = a_bar.sqrt(), (1 - a_bar).sqrt()
+    if kind == "v_prediction":
+        return pred - shift / s
+    if kind == "epsilon":
+        return pred - a * shift / s
+    raise ValueError(f"a first-step shift needs a prediction type of sample, epsilon or v_prediction, got {kind!r}")
 
 
 def _denoise(unet, scheduler, cond, uncond, noise, steps, guidance, callback, generator, init_latents, strength,
-             mask, until):
+             mask, until, first_shift):
     # 1. timesteps, and where img2img enters them
     scheduler.set_timesteps(steps, device=noise.device)
     timesteps = scheduler.timesteps
@@ -96,6 +113,8 @@ def _denoise(unet, scheduler, cond, uncond, noise, steps, guidance, callback, ge
         if use_cfg:
             pred_uncond, pred_cond = pred.chunk(2)
             pred = pred_uncond + guidance * (pred_cond - pred_uncond)
+        if first_shift is not None and i == 0:
+            pred = shifted_prediction(pred, first_shift, latents, scheduler, t)
         # 4. one sampler step
         stepped = scheduler.step(pred, t, latents, **extra, return_dict=False)
         latents = stepped[0]

@@ -17,7 +17,7 @@ import typer
 
 from .. import __version__
 from ..errors import SfumatoError
-from . import data, distill, evaluate, explain, export, generate, search, serve, train, tune
+from . import data, distill, evaluate, explain, export, generate, prior, search, serve, train, tune
 from .console import console, out
 
 app = typer.Typer(help="Learn, generate, search and explain images from paired data.",
@@ -26,6 +26,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(train.app)
 app.add_typer(distill.app)
 app.add_typer(tune.app)
+app.add_typer(prior.app)
 app.add_typer(export.app)
 app.add_typer(generate.app)
 app.add_typer(search.app)

@@ -31,6 +31,8 @@ def eval_compositional(
     category: Optional[list[str]] = typer.Option(None, "--category", help="Only these categories (repeatable)."),
     layout_search: int = typer.Option(S.layout_search, "--layout-search", help="Candidate noises for prompts that "
                                       "name a relation (as `generate`); 0: single samples, the model's own layouts."),
+    mean_prior: Optional[float] = typer.Option(None, "--mean-prior", help="Gain of the model's mean prior (as "
+                                               "`generate`; default: the model's own); 0: off."),
 ) -> None:
     """Generate prompts of every GenEval-style category and judge each image with the scene checker."""
     from ..evaluate import evaluate_compositional
@@ -45,7 +47,7 @@ def eval_compositional(
         raise UsageError(f"--per-category must be between 1 and 10000, got {per_category}")
     pipe = load(model)
     r = evaluate_compositional(pipe, out_dir, per_category, seed, steps, guidance, scheduler, cats,
-                               layout_search=layout_search)
+                               layout_search=layout_search, mean_prior=mean_prior)
     out.print(f"overall {r['overall']:.3f}  ({per_category} prompts per category, {r['seconds_per_image']:.2f} s/image)")
     for c, rate in r["per_category"].items():
         out.print(f"  {c:<18} {rate:.3f}")

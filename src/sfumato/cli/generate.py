@@ -55,6 +55,10 @@ def generate_cmd(
     layout_search: int = typer.Option(S.layout_search, "--layout-search", help="For a prompt naming a spatial "
                                       "relation ('A left of B'): candidate noises tried, the one whose layout "
                                       "follows the relation is drawn (8 is a good value); 0: off."),
+    mean_prior: Optional[float] = typer.Option(None, "--mean-prior", help="Gain of the model's mean prior, which "
+                                               "moves the few-step sampler's first estimate to where the training "
+                                               "pairs put things for such a caption (default: the model's own; "
+                                               "0: off)."),
     init_image: Optional[Path] = typer.Option(None, "--init-image", help="Start from this image (img2img)."),
     strength: float = typer.Option(DEFAULT_STRENGTH, "--strength", help="img2img: how much of the schedule to re-run (0-1)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Inpainting mask (white = repaint), same size as --init-image."),
@@ -94,7 +98,7 @@ def generate_cmd(
     pipe = load(model)
     settings = pipe.settings("", negative=negative, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
                              width=w, height=h, strength=strength if init_image is not None else None,
-                             layout_search=layout_search)
+                             layout_search=layout_search, mean_prior=mean_prior)
     after = _after_image(pipe, audit, neighbours, index) if (audit or neighbours) else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

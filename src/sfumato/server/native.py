@@ -44,6 +44,8 @@ class GenerateRequest(Strict):
     explain: bool = Field(False, description="Also return a heat map per word of the prompt.")
     layout_search: int = Field(S.layout_search, description="Candidate noises for a prompt that names a spatial "
                                "relation ('A left of B'); the one whose layout follows it is drawn; 0: off.")
+    mean_prior: Optional[float] = Field(None, description="Gain of the model's mean prior on the few-step "
+                                        "sampler's first estimate; default: the model's own; 0: off.")
 
 
 class SearchRequest(Strict):

@@ -42,16 +42,17 @@ class GenSpec(GenerationSettings):
 def prepare(models, limits: Limits, prompt: str, negative: str = S.negative, seed: int = S.seed,
             steps: int | None = None, guidance: float | None = None, scheduler: str | None = None, width: int = S.width,
             height: int = S.height, n: int = 1, init_image: str | None = None, mask: str | None = None,
-            strength: float = DEFAULT_STRENGTH, explain: bool = False, layout_search: int = S.layout_search) -> GenSpec:
+            strength: float = DEFAULT_STRENGTH, explain: bool = False, layout_search: int = S.layout_search,
+            mean_prior: float | None = None) -> GenSpec:
     """Check a request against the server's limits and the model (Pipeline.check), decode its images.
-    Steps, guidance and scheduler not given are the model's own defaults (Pipeline.settings).
+    Steps, guidance, scheduler and mean prior not given are the model's own defaults (Pipeline.settings).
 
     Raises:
         UsageError: naming the field and the limit (the server answers 422)."""
     pipe = models.pipe
     if pipe is None:
         raise UsageError(f"{models.name} has no UNet: this server does search only")
-    own = pipe.settings(prompt, steps=steps, guidance=guidance, scheduler=scheduler)
+    own = pipe.settings(prompt, steps=steps, guidance=guidance, scheduler=scheduler, mean_prior=mean_prior)
     steps, guidance, scheduler = own.steps, own.guidance, own.scheduler
     check_text("prompt", prompt, limits)
     check_text("negative prompt", negative, limits)
@@ -75,7 +76,7 @@ def prepare(models, limits: Limits, prompt: str, negative: str = S.negative, see
             except UsageError as e:
                 raise UsageError(f"layout search over {layout_search} noises: {e}") from None
     spec = GenSpec(prompt, negative, seed, steps, guidance, scheduler, width, height,
-                   strength if init_image is not None else None, layout_search, n=n, explain=explain)
+                   strength if init_image is not None else None, layout_search, own.mean_prior, n=n, explain=explain)
     if init_image is not None:
         spec.init_image = decode_b64_image(init_image, limits.max_pixels, "init image")
         if mask is not None:

@@ -166,7 +166,21 @@ def test_layout_search_draws_more_position_prompts_right_with_the_shipped_model(
     pipe = sfumato.load()
     prompts = [(k, p) for k, (c, p) in enumerate(evaluation_prompts(20, 0)) if c == "position"]
     passes = []
-    for k_candidates in (0, 8):
-        passes.append(sum(judge(pipe.generate(pipe.settings(p, seed=k, layout_search=k_candidates))[0], p).passed
-                          for k, p in prompts))
+    for k_candidates in (0, 8):  # the model's own layouts: its mean prior off
+        passes.append(sum(judge(pipe.generate(pipe.settings(p, seed=k, layout_search=k_candidates, mean_prior=0))[0],
+                                p).passed for k, p in prompts))
     assert passes[1] >= passes[0] + 4, passes  # at least a fifth of the 20 prompts more (counted: no float sums)
+
+
+def test_the_shipped_mean_prior_draws_more_position_prompts_right():
+    """The same 20 prompts at default settings, with the shipped model's mean prior and without it."""
+    from sfumato.evaluate import evaluation_prompts
+    from sfumato.shapesworld.checker import judge
+
+    torch.set_num_threads(2)
+    pipe = sfumato.load()
+    assert pipe.settings("a red circle").mean_prior > 0  # on by default
+    prompts = [(k, p) for k, (c, p) in enumerate(evaluation_prompts(20, 0)) if c == "position"]
+    passes = [sum(judge(pipe.generate(pipe.settings(p, seed=k, **off))[0], p).passed for k, p in prompts)
+              for off in ({"mean_prior": 0}, {})]
+    assert passes[1] >= passes[0] + 4, passes

@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import sfumato  # noqa: E402
 from sfumato.evaluate import evaluation_prompts  # noqa: E402
-from sfumato.first_step import data_contrast, model_contrast, relation_variants, scenes_for  # noqa: E402
+from sfumato.first_step import data_contrast, model_contrast, relation_variants, render_means  # noqa: E402
 from sfumato.mean_prior import centred, layout_shift  # noqa: E402
 from sfumato.reward_tuning import few_step_policy, verdict_reward  # noqa: E402
-from sfumato.sampling import decode_latents, encode_images, encode_prompts  # noqa: E402
+from sfumato.sampling import decode_latents, encode_prompts  # noqa: E402
 from sfumato.shapesworld.checker import parse_prompt  # noqa: E402
 
 
@@ -58,10 +58,7 @@ def own_contrast(pipe, policy, prompt, z: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def mean_shift(pipe, policy, prompt, text: str, z: torch.Tensor, renders: int, seed: str) -> torch.Tensor:
     """The renders' mean latent less the model's mean first estimate over the noises z, centred."""
-    import random
-
-    images = scenes_for(prompt, renders, random.Random(seed), pipe.native)
-    data = encode_images(pipe.vae, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)).float().mean(0)
+    data = render_means(pipe.vae, [prompt], renders, seed, pipe.native)[0]
     ctx = encode_prompts(pipe.tokenizer, pipe.text_encoder, [text] * len(z)).float()
     return centred(data - policy.denoised(pipe.fast_unet.eval(), z, policy.timesteps[0], ctx).mean(0))
 

@@ -67,9 +67,9 @@ def fit(args) -> None:
 @torch.no_grad()
 def clean(args) -> None:
     import sfumato
-    from sfumato.first_step import relation_variants, scenes_for
+    from sfumato.first_step import relation_variants, render_means
     from sfumato.reward_tuning import few_step_policy, training_prompts
-    from sfumato.sampling import encode_images, encode_prompts
+    from sfumato.sampling import encode_prompts
     from sfumato.shapesworld.checker import parse_prompt
 
     pipe = sfumato.load(args.model, onnx=False)
@@ -79,9 +79,7 @@ def clean(args) -> None:
     g, states, res = torch.Generator().manual_seed(args.seed), [], []
     for k, (_, text) in enumerate(prompts):
         variants = relation_variants(parse_prompt(text))
-        images = [i for v in variants for i in scenes_for(v, 8, random.Random(f"clean/{args.seed}/{k}"), pipe.native)]
-        z = encode_images(pipe.vae, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)).float()
-        data = z.view(len(variants), 8, *shape).mean(1)
+        data = render_means(pipe.vae, variants, 8, f"clean/{args.seed}/{k}", pipe.native)
         ctx = encode_prompts(pipe.tokenizer, pipe.text_encoder, [v.text for v in variants for _ in range(4)]).float()
         noise = torch.randn((4, *shape), generator=g).repeat(len(variants), 1, 1, 1)
         model = policy.denoised(pipe.fast_unet, noise, policy.timesteps[0], ctx).view(len(variants), 4, *shape).mean(1)
@@ -121,20 +119,8 @@ def relations(args) -> None:
 
 
 def attach(args) -> None:
-    import json
-    import shutil
-
-    from sfumato.files import atomic_write_text
-    from sfumato.pipeline import FAST_UNET, model_hash
-
-    model = Path(args.model)
-    shutil.rmtree(model / mp.FOLDER, ignore_errors=True)
-    shutil.copytree(args.prior, model / mp.FOLDER)
-    card = json.loads((model / "sfumato.json").read_text())
-    card["generation"] = {**card.get("generation", {}), "mean_prior": args.gain}
-    card["mean_prior"] = {"gain": args.gain, "unet": FAST_UNET, "unet_hash": model_hash(model, FAST_UNET),
-                          "recipe": "benchmarks/mean_prior_study.py (docs/recipe.md, round 17)"}
-    atomic_write_text(model / "sfumato.json", json.dumps(card, indent=1, default=str))
+    mp.install(Path(args.model), mp.MeanPrior.from_pretrained(args.prior), args.gain,
+               {"recipe": "benchmarks/mean_prior_study.py (docs/recipe.md, round 17)"})
 
 
 def main() -> None:

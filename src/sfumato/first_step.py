@@ -80,17 +80,24 @@ def relation_variants(prompt: PromptSpec) -> list[PromptSpec]:
 
 
 @torch.no_grad()
+def render_means(vae, prompts: list[PromptSpec], renders: int, seed: str, res: int = spec.BASE_RES) -> torch.Tensor:
+    """(len(prompts), C, H, W): the mean latent of `renders` renders of each prompt's scenes, every
+    prompt's free attributes drawn from the same seed (so prompts that differ in their relation only
+    differ in the placement)."""
+    from .sampling import encode_images
+
+    images = [scenes_for(p, renders, random.Random(seed), res) for p in prompts]
+    z = encode_images(vae, torch.from_numpy(np.stack([i for group in images for i in group])).permute(0, 3, 1, 2))
+    return z.float().view(len(prompts), renders, *z.shape[1:]).mean(1)
+
+
+@torch.no_grad()
 def data_contrasts(vae, prompt: PromptSpec, renders: int, seed: str, res: int = spec.BASE_RES) -> torch.Tensor:
     """(variants, C, H, W): for each of `relation_variants(prompt)`, mu_r - mean over relations of mu_r',
     what its relation changes in the mean latent of its renders (zero without a relation). Each
     relation's renders draw their free attributes from the same seed, so the contrasts are little
     noisier than the means are apart."""
-    from .sampling import encode_images
-
-    variants = relation_variants(prompt)
-    images = [scenes_for(v, renders, random.Random(seed), res) for v in variants]
-    z = encode_images(vae, torch.from_numpy(np.stack([i for group in images for i in group])).permute(0, 3, 1, 2))
-    means = z.float().view(len(variants), renders, *z.shape[1:]).mean(1)
+    means = render_means(vae, relation_variants(prompt), renders, seed, res)
     return means - means.mean(0)
 
 
@@ -169,4 +176,4 @@ class MeanLoss:
 
 
 __all__ = ["MeanLoss", "data_contrast", "data_contrasts", "model_contrast", "model_contrasts", "relation_variants",
-           "scenes_for"]
+           "render_means", "scenes_for"]

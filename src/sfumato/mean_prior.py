@@ -40,6 +40,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,11 +210,9 @@ def fit_into(model: str | Path, data_source: str = "shapesworld", pairs: int = 1
     model as it was."""
     from .config import MAX_MEAN_PRIOR, DataCfg
     from .data import load_pairs_data
-    from .distill import _card
-    from .files import atomic_write_text, publish_dir
     from .models import quiet_libraries
-    from .pipeline import FAST_UNET, load, model_hash
-    from .progress import start_progress
+    from .pipeline import load
+    from .shapesworld.spec import mix_categories
     from .train import versions
 
     folder = Path(model)
@@ -222,13 +221,11 @@ def fit_into(model: str | Path, data_source: str = "shapesworld", pairs: int = 1
     for name, value, low in (("--steps", steps, 1), ("--batch-size", batch, 1), ("--pairs", pairs, 2)):
         if value < low:
             raise UsageError(f"{name} must be at least {low}, got {value}")
-    from .shapesworld.spec import mix_categories
-
     try:
         mix_categories(mix)
     except ValueError as e:
         raise UsageError(f"--mix: {e}") from None
-    out, work = folder / FOLDER, folder / f".{FOLDER}.partial"
+    out = folder / FOLDER
     if out.exists() and not overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to fit it again")
     quiet_libraries()
@@ -241,36 +238,52 @@ def fit_into(model: str | Path, data_source: str = "shapesworld", pairs: int = 1
     if len(data.train_idx) < 2:
         raise UsageError(f"{data_source} has {len(data.train_idx)} training pairs; the mean prior needs at least 2")
     t0 = time.time()
-    bar, task = start_progress(len(data.captions), "first estimates", stderr=True) if progress else (None, None)
-    try:
-        targets = first_step_targets(pipe, data.captions, data.images, seed,
-                                     progress=(lambda k: bar.update(task, completed=k)) if bar else None)
-    finally:
-        if bar:
-            bar.stop()
+    with _bar(progress, len(data.captions), "first estimates") as done:
+        targets = first_step_targets(pipe, data.captions, data.images, seed, progress=done)
     train, held = split(targets, data.holdout)
     prior = for_pipeline(pipe)
-    bar, task = start_progress(steps, "mean prior", stderr=True) if progress else (None, None)
+    with _bar(progress, steps, "mean prior") as done:
+        stats = fit(train, held, prior, steps, batch, lr, seed, progress=done and (lambda k, loss: done(k)))
+    return install(folder, prior, gain, {
+        "data": data_source, "mix": mix, "pairs": len(data.captions), "steps": steps, "batch_size": batch, "lr": lr,
+        "seed": seed, "seconds": round(time.time() - t0, 1), **{k: round(v, 5) for k, v in stats.items()},
+        "versions": versions()})
+
+
+@contextmanager
+def _bar(shown: bool, total: int, description: str):
+    """A progress bar (None when not shown) as a callable taking the count done."""
+    from .progress import start_progress
+
+    if not shown:
+        yield None
+        return
+    bar, task = start_progress(total, description, stderr=True)
     try:
-        stats = fit(train, held, prior, steps, batch, lr, seed,
-                    progress=(lambda k, loss: bar.update(task, completed=k)) if bar else None)
+        yield lambda k: bar.update(task, completed=k)
     finally:
-        if bar:
-            bar.stop()
+        bar.stop()
+
+
+def install(folder: Path, prior: MeanPrior, gain: float, record: dict) -> dict:
+    """The prior into folder/mean_prior (written beside, renamed in) and the card: `gain` as the default,
+    the record with the few-step UNet it was fitted to (its hash: `load` reports a prior gone stale)."""
+    from .distill import _card
+    from .files import atomic_write_text, publish_dir
+    from .pipeline import FAST_UNET, model_hash
+
     sub = FAST_UNET if (folder / FAST_UNET).is_dir() else "unet"
-    record = {"gain": gain, "unet": sub, "unet_hash": model_hash(folder, sub), "data": data_source,
-              "mix": mix, "pairs": len(data.captions), "steps": steps, "batch_size": batch, "lr": lr, "seed": seed,
-              "seconds": round(time.time() - t0, 1), **{k: round(v, 5) for k, v in stats.items()},
-              "versions": versions()}
+    record = {"gain": gain, "unet": sub, "unet_hash": model_hash(folder, sub), **record}
+    work = folder / f".{FOLDER}.partial"
     shutil.rmtree(work, ignore_errors=True)
     prior.save_pretrained(work)
     card = _card(folder)
     card["generation"] = {**card.get("generation", {}), "mean_prior": gain}
     card["mean_prior"] = record
-    publish_dir(work, out)
+    publish_dir(work, folder / FOLDER)
     atomic_write_text(folder / "sfumato.json", json.dumps(card, indent=1, default=str))
     return record
 
 
 __all__ = ["FOLDER", "MeanPrior", "Targets", "centred", "first_step_targets", "fit", "for_pipeline",
-           "fit_into", "held_out_error", "layout_shift", "split"]
+           "fit_into", "held_out_error", "install", "layout_shift", "split"]

@@ -1,10 +1,13 @@
 """What the first step's mean layout is worth, and how much of it a model has (docs/recipe.md, rounds
-16 and 17).
+16 to 18).
 
     python benchmarks/first_step_shift.py MODEL --seed 0 --gains 0,4,8      # position pass rates
     python benchmarks/first_step_shift.py MODEL --seed 1 --grid shift.png   # and a grid to look at
     python benchmarks/first_step_shift.py MODEL --shift mean --gains 0,1,2,4
     python benchmarks/first_step_shift.py MODEL --shift prior --gains 0,2,4,6  # the model's own mean prior
+    python benchmarks/first_step_shift.py MODEL --shift prior --gains 0,8 --category counting
+    python benchmarks/first_step_shift.py MODEL --shift prior --gains 8 --later 4,2   # at later steps too
+    python benchmarks/first_step_shift.py MODEL --shift prior --gains 8 --shared-gain 0  # the relation's part only
     python benchmarks/first_step_shift.py MODEL OTHER --probe               # the contrast each one draws
     python benchmarks/first_step_shift.py MODEL --probe-prior               # its prior against the data's mean
 
@@ -18,6 +21,12 @@ with the same noises. Gain 0 is the model as it is. The shifts:
   (32 noises), its per-channel mean over the canvas taken out: what an exact mean prior would give;
 - `prior`: the model's own mean prior (`sfumato.mean_prior`; `generate --mean-prior` is this, and
   the other two read the prompt's scene and are never a generation path).
+
+`--category` takes another category's prompts (with `prior` only; a prompt without a relation is
+judged as the evaluation judges it). `--shared-gain`: the prior's output split into the relation's part
+(less the mean over the prompt's four relation variants) and the shared part, scaled by `gain` and
+`--shared-gain`: this reads the prompt's variants, so it is a diagnostic. `--later`: the same shift
+added to the estimates of the next steps, with these gains.
 
 `--probe`: for the first 20 of those prompts, the model's own relation contrast (its mean first
 estimate under the prompt less the mean over the four relations, 32 shared noises) against the
@@ -65,10 +74,11 @@ def mean_shift(pipe, policy, prompt, text: str, z: torch.Tensor, renders: int, s
 
 @torch.no_grad()
 def pass_rates(pipe, seed: int, gains: list[float], group: int, renders: int, grid: Path | None,
-               kind: str = "contrast") -> dict:
+               kind: str = "contrast", category: str = "position", shared: float | None = None,
+               later: tuple[float, ...] = ()) -> dict:
     c = pipe.fast_unet.config
     policy, shape = few_step_policy(pipe), (c.in_channels, c.sample_size, c.sample_size)
-    prompts = [p for c, p in evaluation_prompts(50, seed) if c == "position"]
+    prompts = [p for c, p in evaluation_prompts(50, seed) if c == category]
     rewards = {gain: [] for gain in gains}
     shown = []
     t0 = time.time()
@@ -76,7 +86,11 @@ def pass_rates(pipe, seed: int, gains: list[float], group: int, renders: int, gr
         prompt = parse_prompt(text)
         g = torch.Generator().manual_seed(1000 * seed + k)
         ctx = encode_prompts(pipe.tokenizer, pipe.text_encoder, [text] * group).float()
-        if kind == "prior":
+        if kind == "prior" and shared is not None:  # reads the prompt's variants: a diagnostic
+            variants = encode_prompts(pipe.tokenizer, pipe.text_encoder, [v.text for v in relation_variants(prompt)])
+            each = layout_shift(pipe.prior, variants.float(), 1.0, shape[1:])
+            split = (each[0] - each.mean(0), each.mean(0))  # the relation's part, the shared part
+        elif kind == "prior":
             shift = layout_shift(pipe.prior, ctx[:1], 1.0, shape[1:])
         elif kind == "mean":
             shift = mean_shift(pipe, policy, prompt, text, torch.randn((32, *shape), generator=g), 2 * renders,
@@ -88,9 +102,14 @@ def pass_rates(pipe, seed: int, gains: list[float], group: int, renders: int, gr
         first = policy.denoised(pipe.fast_unet, noises[0], policy.timesteps[0], ctx)
         for gain in gains:
             x = None
+            if kind == "prior" and shared is not None:
+                shift = split[0] + (shared / gain if gain else 0.0) * split[1]  # gain x relation + shared x the rest
+            steps = (gain, *later) if gain else ()  # the gain of the shift at each step it moves
             for i, (t, t_next) in enumerate(zip(policy.timesteps, policy.timesteps[1:])):
                 a = policy.alphas[t_next]
-                est = first + gain * shift if i == 0 else policy.denoised(pipe.fast_unet, x, t, ctx)
+                est = first if i == 0 else policy.denoised(pipe.fast_unet, x, t, ctx)
+                if i < len(steps):
+                    est = est + steps[i] * shift
                 x = a.sqrt() * est + (1 - a).sqrt() * noises[i + 1]
             images = decode_latents(pipe.vae, policy.denoised(pipe.fast_unet, x, policy.timesteps[-1], ctx)).numpy()
             judged = [verdict_reward(image, prompt, 0.5)[0] for image in images]
@@ -160,7 +179,13 @@ def main() -> None:
     ap.add_argument("--shift", choices=("contrast", "mean", "prior"), default="contrast")
     ap.add_argument("--probe", action="store_true")
     ap.add_argument("--probe-prior", action="store_true")
+    ap.add_argument("--category", default="position", help="the evaluation's prompts of this category (prior only)")
+    ap.add_argument("--shared-gain", type=float, help="prior only: the gains scale the relation's part of the "
+                    "prior (its output less the mean over the prompt's relation variants), this the rest")
+    ap.add_argument("--later", default="", help="gains of the same shift at the steps after the first, e.g. 4,2")
     args = ap.parse_args()
+    if args.shift != "prior" and (args.category != "position" or args.shared_gain is not None):
+        ap.error("--category and --shared-gain go with --shift prior")
     torch.set_num_threads(1)
     if args.probe:
         probe(args.models)
@@ -171,9 +196,12 @@ def main() -> None:
         return
     for name in args.models:
         results = pass_rates(sfumato.load(name, onnx=False), args.seed, [float(g) for g in args.gains.split(",")],
-                             args.group, args.renders, args.grid, args.shift)
+                             args.group, args.renders, args.grid, args.shift, args.category, args.shared_gain,
+                             tuple(float(g) for g in args.later.split(",") if g))
+        how = f"{args.category} {args.shift}" + (f" shared {args.shared_gain:g}" if args.shared_gain is not None else "")
         for gain, r in results.items():
-            print(f"{name} seed {args.seed} {args.shift} gain {gain:g}: pass {r['pass']:.3f}, "
+            print(f"{name} seed {args.seed} {how} gain {gain:g}{',' + args.later if args.later and gain else ''}: "
+                  f"pass {r['pass']:.3f}, "
                   f"objects right {r['objects_right']:.3f} "
                   f"({r['samples']} samples)")
 

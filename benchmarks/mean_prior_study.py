@@ -1,20 +1,25 @@
-"""The mean prior study of docs/recipe.md, round 17: the targets, the fits and the relation fit of the
-shipped prior, step by step (`sfumato prior` runs the plain fit on one data set in one go).
+"""The mean prior study of docs/recipe.md, rounds 17 and 18: the targets and the fits, step by step
+(`sfumato prior` runs the shipped fit, the relation's contrast alone, in one go).
 
     python benchmarks/mean_prior_study.py targets MODEL T0.pt --start 0 --stop 8000 [--category position]
     python benchmarks/mean_prior_study.py fit T0.pt,T1.pt,... P3 --steps 4000 [--lr 1e-3]
+    python benchmarks/mean_prior_study.py fit T0.pt,... P9 --steps 4000 --relations C0.pt,C1.pt [--plain-scale 0]
+    python benchmarks/mean_prior_study.py fit T0.pt,T1.pt,T2.pt,T3.pt P10 --steps 1500 --relations C0.pt,C1.pt \
+        --plain-scale 0 --anchors-without-relations                        # the shipped prior
     python benchmarks/mean_prior_study.py clean MODEL C0.pt --seed 0 --prompts 967
     python benchmarks/mean_prior_study.py relations C0.pt,C1.pt P3 P7 --steps 1000 --weight 10
-    python benchmarks/mean_prior_study.py attach MODEL P7 --gain 8
+    python benchmarks/mean_prior_study.py attach MODEL P10 --gain 8
 
 `targets`: pairs [start, stop) of the ShapesWorld training set (seed 0, the model's size; `--category`:
 scenes of that category only), each pair's latent less the few-step UNet's first estimate from a
 fresh noise (seeded by `--start`), centred (`mean_prior.first_step_targets`). `fit`: the plain
-regression on their union (5 % of the pairs held out by id, as training holds them out). `clean`:
-for `--prompts` position prompts drawn as the tuning draws them (none of the evaluations at seeds 0
-and 1), each of the four relation variants' mean latent over 8 renders of its scenes (one render seed
-for the four; ShapesWorld's grammar, read here in training only) less the model's mean first
-estimate over 4 shared noises, centred. `relations`: from a fitted prior, batches of 16 prompts × 4
+regression on their union (5 % of the pairs held out by id, as training holds them out); with
+`--relations`, the joint fit on the pairs and the variant groups of `clean` (`mean_prior.fit`), and
+with `--plain-scale 0` the relation's contrast alone, the pairs' captions held at zero (round 18,
+which `sfumato prior` runs). `clean`: `mean_prior.relation_targets` for `--prompts` position prompts
+(none of the evaluations at seeds 0 and 1): each of the four relation variants' mean latent over 8
+renders of its scenes (one render seed for the four; ShapesWorld's grammar, read here in training
+only) less the model's mean first estimate over 4 shared noises, centred. `relations`: from a fitted prior, batches of 16 prompts × 4
 variants; the loss is the plain squared error plus `--weight` times the squared error of the prior's
 contrast over the four variants (each output less the four's mean) against the targets'; the render
 noise shared by the four cancels in the contrast, which the plain error leaves buried. `attach`: the
@@ -24,7 +29,6 @@ prior into MODEL/mean_prior, the card's default gain set, as `sfumato prior` wri
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from pathlib import Path
@@ -57,46 +61,45 @@ def load_targets(files: str) -> tuple[mp.Targets, np.ndarray]:
 
 
 def fit(args) -> None:
-    train, held = mp.split(*load_targets(args.targets))
+    targets, held = load_targets(args.targets)
+    if args.anchors_without_relations:  # the files are pairs 0, 1, 2, ... of the standard mix, in order
+        from sfumato.shapesworld import ShapesWorld
+
+        world = ShapesWorld(len(held), seed=0)
+        keep = torch.tensor([world.scene(i).category != "position" for i in range(len(held))])
+        targets, held = mp.Targets(targets.states[keep], targets.residuals[keep]), held[keep.numpy()]
+    train, held = mp.split(targets, held)
     prior = mp.MeanPrior(text_width=train.states.shape[-1], latent_channels=train.residuals.shape[1],
                          sample_size=train.residuals.shape[-1])
-    print(mp.fit(train, held, prior, args.steps, lr=args.lr), flush=True)
+    variants = load_variants(args.relations) if args.relations else None
+    t0 = time.time()
+
+    def show(k, loss):
+        if k % 200 == 0:
+            print(f"{k}: loss {loss:.4f}, {time.time() - t0:.0f} s", flush=True)
+
+    print(mp.fit(train, held, prior, args.steps, lr=args.lr, variants=variants, weight=args.weight, progress=show,
+                 plain_scale=args.plain_scale), flush=True)
     prior.save_pretrained(args.out)
 
 
-@torch.no_grad()
 def clean(args) -> None:
     import sfumato
-    from sfumato.first_step import relation_variants, render_means
-    from sfumato.reward_tuning import few_step_policy, training_prompts
-    from sfumato.sampling import encode_prompts
-    from sfumato.shapesworld.checker import parse_prompt
 
-    pipe = sfumato.load(args.model, onnx=False)
-    policy, c = few_step_policy(pipe), pipe.fast_unet.config
-    shape = (c.in_channels, c.sample_size, c.sample_size)
-    prompts = training_prompts(random.Random(f"clean/{args.seed}"), args.prompts, ("position",))
-    g, states, res = torch.Generator().manual_seed(args.seed), [], []
-    for k, (_, text) in enumerate(prompts):
-        variants = relation_variants(parse_prompt(text))
-        data = render_means(pipe.vae, variants, 8, f"clean/{args.seed}/{k}", pipe.native)
-        ctx = encode_prompts(pipe.tokenizer, pipe.text_encoder, [v.text for v in variants for _ in range(4)]).float()
-        noise = torch.randn((4, *shape), generator=g).repeat(len(variants), 1, 1, 1)
-        model = policy.denoised(pipe.fast_unet, noise, policy.timesteps[0], ctx).view(len(variants), 4, *shape).mean(1)
-        states.append(ctx[::4].half())
-        res.append(mp.centred(data - model))
-    torch.save({"states": torch.cat(states), "res": torch.cat(res)}, args.out)
+    v = mp.relation_targets(sfumato.load(args.model, onnx=False), args.prompts, args.seed)
+    torch.save({"states": v.states.flatten(0, 1), "res": v.residuals.flatten(0, 1)}, args.out)
+
+
+def load_variants(files: str) -> mp.Variants:
+    ds = [torch.load(f) for f in files.split(",")]
+    states, res = torch.cat([d["states"] for d in ds]), torch.cat([d["res"] for d in ds])
+    return mp.Variants(states.view(-1, 4, *states.shape[1:]), res.view(-1, 4, *res.shape[1:]))
 
 
 def relations(args) -> None:
-    ds = [torch.load(f) for f in args.targets.split(",")]
-    states, res = torch.cat([d["states"] for d in ds]), torch.cat([d["res"] for d in ds])
-    groups = len(states) // 4
-    states, res = states.view(groups, 4, *states.shape[1:]), res.view(groups, 4, *res.shape[1:])
+    v = load_variants(args.targets)
+    states, res, groups, contrast = v.states, v.residuals, len(v), mp.contrast
     held = groups // 20  # the first 5 % of the prompts, for the held-out contrast error
-
-    def contrast(x):
-        return x - x.mean(1, keepdim=True)
 
     prior = mp.MeanPrior.from_pretrained(args.init)
     opt = torch.optim.AdamW(prior.parameters(), lr=args.lr, weight_decay=0.01)
@@ -120,7 +123,7 @@ def relations(args) -> None:
 
 def attach(args) -> None:
     mp.install(Path(args.model), mp.MeanPrior.from_pretrained(args.prior), args.gain,
-               {"recipe": "benchmarks/mean_prior_study.py (docs/recipe.md, round 17)"})
+               {"recipe": "benchmarks/mean_prior_study.py (docs/recipe.md, rounds 17 and 18)"})
 
 
 def main() -> None:
@@ -133,6 +136,11 @@ def main() -> None:
     p = sub.add_parser("fit")
     p.add_argument("targets"), p.add_argument("out")
     p.add_argument("--steps", type=int, default=4000), p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--relations", help="variant targets of `clean` (comma-separated): the joint fit")
+    p.add_argument("--weight", type=float, default=10.0)
+    p.add_argument("--plain-scale", type=float, default=1.0, help="0: the pairs are zero anchors (round 18)")
+    p.add_argument("--anchors-without-relations", action="store_true",
+                   help="leave out the pairs that name a relation (files of `targets` from pair 0 on, no --category)")
     p = sub.add_parser("clean")
     p.add_argument("model"), p.add_argument("out")
     p.add_argument("--seed", type=int, default=0), p.add_argument("--prompts", type=int, default=960)

@@ -15,10 +15,10 @@ from test_distill import sample_carried_unet_in_plain_diffusers
 import sfumato
 from sfumato.cli import main
 from sfumato.errors import UsageError
-from sfumato.mean_prior import MeanPrior, Targets, centred, fit, fit_into, layout_shift
+from sfumato.mean_prior import MeanPrior, Targets, Variants, centred, contrast_error, fit, fit_into, layout_shift
 from sfumato.sampling import shifted_prediction
 
-QUICK = dict(pairs=40, steps=6, batch=8)
+QUICK = dict(pairs=40, steps=6, batch=8, relations=2)
 
 
 def test_the_prior_draws_a_layout_and_round_trips_through_safetensors(tmp_path):
@@ -65,6 +65,42 @@ def test_the_fit_learns_a_layout_the_words_decide_from_noisy_targets():
     assert cos > 0.8, cos
 
 
+def test_relation_variants_teach_the_contrast_the_noisy_pairs_bury():
+    """What the relation word changes is small beside one pair's own placement: fitted on the pairs
+    alone the prior does not learn it; with groups that differ only in the relation word (their render
+    noise shared, so it cancels in the contrast) it does, and it still fits the pairs."""
+    g = torch.Generator().manual_seed(1)
+    side = torch.zeros(2, 1, 8, 8)
+    side[0, :, :, :4], side[1, :, :, 4:] = 1.0, 1.0
+    words = torch.randn(4, 16, generator=g)  # 0, 1: two objects; 2, 3: "left", "right"
+
+    def states(obj, rel):
+        s = torch.randn(len(obj), 5, 16, generator=g) * 0.1
+        s[:, 1], s[:, 3] = words[obj], words[2 + rel]
+        return s
+
+    def mean(obj, rel):  # the object decides a top/bottom layout, the relation a weak left/right one
+        top = torch.zeros(len(obj), 4, 8, 8)
+        top[:, :, :4] = (obj * 2 - 1).float()[:, None, None, None]
+        return centred(top + 0.15 * side[rel].expand(len(obj), 4, 8, 8))
+
+    obj, rel = torch.randint(2, (3000,), generator=g), torch.randint(2, (3000,), generator=g)
+    pairs = Targets(states(obj, rel), mean(obj, rel) + 3.0 * torch.randn(3000, 4, 8, 8, generator=g))
+    gobj = torch.randint(2, (400,), generator=g).repeat_interleave(2)
+    grel = torch.tensor([0, 1]).repeat(400)
+    shared = torch.randn(400, 1, 4, 8, 8, generator=g).expand(400, 2, 4, 8, 8)  # one render noise a group
+    variants = Variants(states(gobj, grel).view(400, 2, 5, 16), mean(gobj, grel).view(400, 2, 4, 8, 8) + shared)
+    kw = dict(steps=300, batch=32, lr=3e-3)
+    alone = MeanPrior(text_width=16, width=32, heads=2, mix_layers=1, grid=4, sample_size=8)
+    assert "held_contrast_mse" not in fit(pairs, None, alone, **kw)
+    both = fit(pairs, None, MeanPrior(text_width=16, width=32, heads=2, mix_layers=1, grid=4, sample_size=8),
+               variants=variants, group_batch=8, **kw)
+    held = Variants(variants.states[:20], variants.residuals[:20])  # the groups `fit` held out
+    assert contrast_error(alone, held)["held_contrast_mse"] > 0.7 * both["held_contrast_mse_zero"]
+    assert both["held_contrast_mse"] < 0.3 * both["held_contrast_mse_zero"], both
+    assert both["train_mse"] < both["train_mse_zero"]
+
+
 @pytest.mark.parametrize("kind", ["v_prediction", "epsilon", "sample"])
 def test_a_shifted_prediction_moves_the_clean_estimate_by_the_shift(kind):
     from diffusers import DDIMScheduler
@@ -95,6 +131,8 @@ def test_sfumato_prior_writes_the_prior_and_the_default_gain(with_prior, carryin
     card = json.loads((with_prior / "sfumato.json").read_text())
     assert card["generation"]["mean_prior"] == 3.0
     assert card["mean_prior"]["pairs"] == QUICK["pairs"] and card["mean_prior"]["unet"] == "unet_lcm"
+    assert card["mean_prior"]["relations"] == 2 and card["mean_prior"]["relation_weight"] == 10.0
+    assert card["mean_prior"]["train_mse_zero"] == 0  # captions naming no relation: the prior stays at zero
     assert (with_prior / "mean_prior" / "diffusion_pytorch_model.safetensors").is_file()
     assert not any(p.name.endswith(".partial") for p in with_prior.iterdir())
     pipe = sfumato.load(with_prior)
@@ -115,6 +153,14 @@ def test_sfumato_prior_writes_the_prior_and_the_default_gain(with_prior, carryin
     assert img.shape == (1, 32, 32, 3)
 
 
+def test_without_relations_it_is_the_plain_fit_at_its_own_default_gain(carrying, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(carrying, model)
+    record = fit_into(model, progress=False, **{**QUICK, "relations": 0})
+    assert record["relations"] == 0 and record["gain"] == 4.0 and "held_contrast_mse" not in record
+    assert record["train_mse_zero"] > 0  # the pairs' own targets, not the relation fit's zero anchors
+
+
 def test_mean_prior_mistakes_are_one_line(with_prior, carrying, tmp_path, capsys):
     pipe = sfumato.load(carrying)
     with pytest.raises(UsageError, match="has no mean prior"):
@@ -128,6 +174,10 @@ def test_mean_prior_mistakes_are_one_line(with_prior, carrying, tmp_path, capsys
     assert "pass --overwrite" in capsys.readouterr().err
     assert main(["prior", str(with_prior), "--gain", "0", "--overwrite"]) == 2
     assert "--gain must be above 0" in capsys.readouterr().err
+    assert main(["prior", str(with_prior), "--data", str(tmp_path), "--relations", "5", "--overwrite"]) == 2
+    assert "needs --data shapesworld" in capsys.readouterr().err
+    assert main(["prior", str(with_prior), "--relations", "-1", "--overwrite"]) == 2
+    assert "--relations must be at least 0" in capsys.readouterr().err
 
 
 def test_a_full_model_has_no_first_step_to_move(tmp_path):

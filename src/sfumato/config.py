@@ -353,6 +353,9 @@ MAX_IMAGES = 256
 MAX_GUIDANCE = 50.0
 MAX_LAYOUT_SEARCH = 16  # candidate noises per image
 MAX_MEAN_PRIOR = 16.0  # gain of the mean prior
+MEAN_PRIOR_RELATIONS = 1000  # relation-variant groups of a ShapesWorld mean prior fit (4 prompts x 8 renders each)
+MEAN_PRIOR_STEPS = {"relations": 1500, "plain": 3000}  # `sfumato prior` defaults, by fit (docs/recipe.md, round 18)
+MEAN_PRIOR_GAIN = {"relations": 8.0, "plain": 4.0}
 
 
 @dataclass

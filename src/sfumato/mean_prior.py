@@ -12,11 +12,11 @@ missing is a map from the caption to a mean layout.
 `MeanPrior` learns that map directly, as a model of its own: the text tower's states (B, L, D), mixed by
 a small bidirectional transformer (the causal tower tells the words before a relation nothing of it),
 are read by one query per cell of a coarse grid (learnt embeddings, so every cell knows where it is),
-each drawing a patch of the latent. It is fitted by plain regression on the training pairs:
+each drawing a patch of the latent. Fitted by plain regression on the training pairs,
 
     target = z0 - D(eps, c),   eps ~ N(0, I), z0 the pair's latent,
 
-whose minimiser is E[z0 | c] - E_eps[D(eps, c)]: what the data's mean has that the model's first
+its minimiser is E[z0 | c] - E_eps[D(eps, c)]: what the data's mean has that the model's first
 estimates lack on average. Each target has its per-channel mean over the canvas taken out (the output
 likewise), so the prior moves mass and leaves the palette to the UNet: the backgrounds of the pairs
 are drawn at random, and their mean colour is a grey the model never draws (round 16).
@@ -24,13 +24,16 @@ are drawn at random, and their mean colour is a grey the model never draws (roun
 At sampling, the first estimate of the few-step UNet it was fitted to is moved by `gain` times the
 prior (`denoise(first_shift=...)`); the later steps run as usual. As with classifier-free guidance,
 a gain above 1 asks for more than the mean: the first estimate is mostly noise again at the next step,
-and too little of a gain-1 shift survives it (round 17 measures 0 to 8). Nothing here parses the
-prompt: the prior reads the same text states the UNet reads. Plain diffusers ignores the folder.
+and too little of a gain-1 shift survives it. Nothing here parses the prompt: the prior reads the
+same text states the UNet reads. Plain diffusers ignores the folder.
 
-Fitted this way alone (up to 51,000 ShapesWorld pairs), the prior learns the rest of the mean (cosine
-0.53 with the measured shift) but not what the relation changes in it, and leaves position where it
-was. The default model's prior was fitted on to the relation's contrast over prompts that differ only
-in their relation (benchmarks/mean_prior_study.py): position 0.24 / 0.22 -> 0.32 / 0.46 (round 17).
+Fitted on pairs alone (up to 51,000 ShapesWorld pairs) the prior learns the mean but not what the
+relation changes in it (round 17), and at the gains the relation needs that shared part costs
+position (round 18). So on ShapesWorld it learns the relation's contrast alone: over groups of
+prompts that differ only in their relation (`relation_targets`: each variant's mean render less the
+model's mean first estimate, the render noise shared in a group, so it cancels in the contrast), and
+zero on captions that name no relation. At gain 8: position 0.25 / 0.23 -> 0.54 / 0.55 over 400
+samples at two seeds (round 18). On other pairs, which have no such groups, `fit_into` runs the plain fit.
 A model has a prior only once one is fitted into it.
 """
 
@@ -144,38 +147,113 @@ def first_step_targets(pipe, captions: list[str], images_u8: torch.Tensor, seed:
     return Targets(torch.cat(states), torch.cat(residuals))
 
 
+@dataclass
+class Variants:
+    """Relation-variant targets: groups of prompts that differ only in their relation (all of a
+    group's renders share their free attributes), each prompt's data mean less the model's mean first
+    estimate, centred. What the relation changes, the contrast within a group, is nearly free of render
+    noise, which a pair's own target buries (round 17: regression on pairs alone learns no relation)."""
+    states: torch.Tensor  # (G, V, L, D)
+    residuals: torch.Tensor  # (G, V, C, H, W)
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+
+def contrast(x: torch.Tensor) -> torch.Tensor:
+    """(G, V, ...) -> each variant less its group's mean: what the relation changes."""
+    return x - x.mean(1, keepdim=True)
+
+
+@torch.no_grad()
+def relation_targets(pipe, prompts: int, seed: int, renders: int = 8, noises: int = 4,
+                     progress=None) -> Variants:
+    """`prompts` ShapesWorld position prompts (none of the evaluations at seeds 0 and 1), each under
+    every relation (a group), with targets as `Variants` describes: the mean latent of `renders`
+    renders less the few-step UNet's mean first estimate over `noises` noises shared in the group.
+    Training reads the renderer's grammar to draw the variants; sampling never does."""
+    import random
+
+    from .first_step import relation_variants, render_means
+    from .reward_tuning import few_step_policy, training_prompts
+    from .sampling import encode_prompts
+    from .shapesworld.checker import parse_prompt
+
+    policy, c = few_step_policy(pipe), pipe.fast_unet.config
+    shape = (c.in_channels, c.sample_size, c.sample_size)
+    drawn = training_prompts(random.Random(f"clean/{seed}"), prompts, ("position",))
+    g, states, residuals = torch.Generator().manual_seed(seed), [], []
+    for k, (_, text) in enumerate(drawn):
+        variants = relation_variants(parse_prompt(text))
+        data = render_means(pipe.vae, variants, renders, f"clean/{seed}/{k}", pipe.native)
+        ctx = encode_prompts(pipe.tokenizer, pipe.text_encoder, [v.text for v in variants]).float()
+        noise = torch.randn((noises, *shape), generator=g).repeat(len(variants), 1, 1, 1)
+        first = policy.denoised(pipe.fast_unet, noise, policy.timesteps[0], ctx.repeat_interleave(noises, 0))
+        states.append(ctx.half())
+        residuals.append(centred(data - first.view(len(variants), noises, *shape).mean(1)))
+        if progress is not None:
+            progress(k + 1)
+    return Variants(torch.stack(states), torch.stack(residuals))
+
+
 def fit(train: Targets, held: Targets | None, prior: MeanPrior, steps: int, batch: int = 64, lr: float = 1e-3,
-        seed: int = 0, progress=None) -> dict:
-    """Regress the prior on the targets (AdamW, warm-up then cosine). Returns the mean squared errors
-    of the last 10 % of steps and on the held-out targets, each against the zero layout's: the share of
-    the residual the prior explains is small, since one pair's residual is mostly its own placement."""
+        seed: int = 0, progress=None, variants: Variants | None = None, weight: float = 10.0,
+        group_batch: int = 16, plain_scale: float = 1.0) -> dict:
+    """Regress the prior on the targets (AdamW, warm-up then cosine). With `variants`, each step also
+    takes `group_batch` groups: their plain error plus `weight` times the error of the prior's contrast
+    against theirs (the first 5 % of groups held out). Returns the mean squared errors of the last
+    10 % of steps and on the held-out targets, each against the zero layout's: the share of a pair's
+    residual the prior explains is small, since one pair's residual is mostly its own placement."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(prior.parameters(), lr=lr, weight_decay=0.01)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+    held_groups = len(variants) // 20 if variants is not None else 0
+    if variants is not None and len(variants) - held_groups < 1:
+        raise UsageError(f"the relation fit needs at least 1 group of variants, got {len(variants)}")
     prior.train()
     tail, tail0 = [], []
     for k in range(steps):
         idx = torch.from_numpy(rng.integers(0, len(train.states), batch))
-        target = train.residuals[idx]
-        loss = ((prior(train.states[idx].float()) - target) ** 2).mean()
+        target = plain_scale * train.residuals[idx]
+        loss = plain = ((prior(train.states[idx].float()) - target) ** 2).mean()
+        if variants is not None:
+            gi = torch.from_numpy(rng.integers(held_groups, len(variants), group_batch))
+            want = scaled(variants.residuals[gi], plain_scale)
+            got = prior(variants.states[gi].flatten(0, 1).float()).view(want.shape)
+            loss = loss + ((got - want) ** 2).mean() + weight * ((contrast(got) - contrast(want)) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
         opt.step()
         sched.step()
         if k >= steps - max(1, steps // 10):
-            tail.append(loss.item())
+            tail.append(plain.item())
             tail0.append(target.pow(2).mean().item())
         if progress is not None:
             progress(k + 1, loss.item())
     prior.eval()
     out = {"train_mse": float(np.mean(tail)), "train_mse_zero": float(np.mean(tail0))}
     if held is not None and len(held.states):
-        out.update(held_out_error(prior, held))
+        out.update(held_out_error(prior, Targets(held.states, plain_scale * held.residuals)))
+    if held_groups:
+        out.update(contrast_error(prior, Variants(variants.states[:held_groups], variants.residuals[:held_groups])))
     return out
+
+
+def scaled(residuals: torch.Tensor, plain_scale: float) -> torch.Tensor:
+    """Groups' targets with their shared part (the mean over a group) scaled, the contrast kept."""
+    return contrast(residuals) + plain_scale * residuals.mean(1, keepdim=True)
+
+
+@torch.no_grad()
+def contrast_error(prior: MeanPrior, variants: Variants) -> dict:
+    """The mean squared error of the prior's relation contrast on these groups, and none's."""
+    want = contrast(variants.residuals)
+    got = contrast(prior(variants.states.flatten(0, 1).float()).view(variants.residuals.shape))
+    return {"held_contrast_mse": (got - want).pow(2).mean().item(), "held_contrast_mse_zero": want.pow(2).mean().item()}
 
 
 @torch.no_grad()
@@ -199,30 +277,47 @@ def for_pipeline(pipe, **config) -> MeanPrior:
                      sample_size=c.sample_size, **{"grid": grid, **config})
 
 
-def fit_into(model: str | Path, data_source: str = "shapesworld", pairs: int = 16_000, steps: int = 3000,
-             batch: int = 64, lr: float = 1e-3, gain: float = 4.0, seed: int = 0, overwrite: bool = False,
-             progress: bool = True, mix: str = "") -> dict:
-    """Fit a mean prior to the few-step UNet of the model folder `model` on its pairs and write it to
-    model/mean_prior, with `gain` as the card's default. Returns the fit's record (also in the card).
-    `mix`: ShapesWorld category shares, as `data.shapes_mix` ("position=8": half the pairs name a relation).
+def fit_into(model: str | Path, data_source: str = "shapesworld", pairs: int = 16_000, steps: int | None = None,
+             batch: int = 64, lr: float = 1e-3, gain: float | None = None, seed: int = 0, overwrite: bool = False,
+             progress: bool = True, mix: str = "", relations: int | None = None, weight: float = 10.0) -> dict:
+    """Fit a mean prior to the few-step UNet of the model folder `model` and write it to model/mean_prior,
+    with `gain` as the card's default. Returns the fit's record (also in the card).
+
+    With `relations` (ShapesWorld only; None: `config.MEAN_PRIOR_RELATIONS` with ShapesWorld, else 0)
+    the prior learns the relation's contrast alone: over that many position prompts drawn under every
+    relation (`relation_targets`), weighted by `weight`, and zero on the captions of `pairs` ShapesWorld
+    scenes that name no relation (`mix`: their category shares, as `data.shapes_mix`). The shared part
+    of the mean, which the plain fit adds, costs position at the gains the relation needs (round 18).
+    Without, it is the plain fit on the pairs of `data_source` (`mix` as above for ShapesWorld), which
+    learns the mean but no relation. Defaults: MEAN_PRIOR_STEPS and MEAN_PRIOR_GAIN of the mode.
 
     The folder is written beside its place and renamed in when complete; an interrupted fit leaves the
     model as it was."""
-    from .config import MAX_MEAN_PRIOR, DataCfg
-    from .data import load_pairs_data
+    from .config import MAX_MEAN_PRIOR, MEAN_PRIOR_GAIN, MEAN_PRIOR_RELATIONS, MEAN_PRIOR_STEPS
     from .models import quiet_libraries
     from .pipeline import load
     from .shapesworld.spec import mix_categories
     from .train import versions
 
     folder = Path(model)
+    shapes = data_source == "shapesworld"
+    relations = (MEAN_PRIOR_RELATIONS if shapes else 0) if relations is None else relations
+    mode = "relations" if relations else "plain"
+    gain = MEAN_PRIOR_GAIN[mode] if gain is None else gain
+    steps = MEAN_PRIOR_STEPS[mode] if steps is None else steps
     if not 0 < gain <= MAX_MEAN_PRIOR:
         raise UsageError(f"--gain must be above 0 and at most {MAX_MEAN_PRIOR:g}, got {gain:g}")
-    for name, value, low in (("--steps", steps, 1), ("--batch-size", batch, 1), ("--pairs", pairs, 2)):
+    if relations and not shapes:
+        raise UsageError(f"--relations draws ShapesWorld prompts under each relation, so it needs --data "
+                         f"shapesworld; with {data_source} use --relations 0")
+    if weight < 0:
+        raise UsageError(f"--relation-weight must be at least 0, got {weight:g}")
+    for name, value, low in (("--steps", steps, 1), ("--batch-size", batch, 1), ("--pairs", pairs, 2),
+                             ("--relations", relations, 0)):
         if value < low:
             raise UsageError(f"{name} must be at least {low}, got {value}")
     try:
-        mix_categories(mix)
+        categories = mix_categories(mix)
     except ValueError as e:
         raise UsageError(f"--mix: {e}") from None
     out = folder / FOLDER
@@ -234,20 +329,58 @@ def fit_into(model: str | Path, data_source: str = "shapesworld", pairs: int = 1
     if pipe.fast_unet is None:
         raise UsageError(f"{folder} has no few-step UNet, whose first step the mean prior moves; distil one first "
                          f"with `sfumato distill {folder} --attach`")
+    t0 = time.time()
+    if relations:
+        train, held = _anchors(pipe, pairs, tuple(c for c in categories if c != "position"), progress)
+        with _bar(progress, relations, "relation variants") as done:
+            variants = relation_targets(pipe, relations, seed, progress=done)
+    else:
+        train, held = _pair_targets(pipe, data_source, pairs, mix, seed, progress)
+        variants = None
+    prior = for_pipeline(pipe)
+    with _bar(progress, steps, "mean prior") as done:
+        stats = fit(train, held, prior, steps, batch, lr, seed, progress=done and (lambda k, loss: done(k)),
+                    variants=variants, weight=weight, plain_scale=0.0 if relations else 1.0)
+    return install(folder, prior, gain, {
+        "data": data_source, "mix": mix, "pairs": len(train.states) + (len(held.states) if held else 0),
+        "relations": relations, "relation_weight": weight, "steps": steps, "batch_size": batch, "lr": lr,
+        "seed": seed, "seconds": round(time.time() - t0, 1), **{k: round(v, 5) for k, v in stats.items()},
+        "versions": versions()})
+
+
+def _pair_targets(pipe, data_source: str, pairs: int, mix: str, seed: int, progress: bool) -> tuple[Targets, Targets]:
+    """The plain fit's targets over the training pairs, and the held-out pairs'."""
+    from .config import DataCfg
+    from .data import load_pairs_data
+
     data = load_pairs_data(data_source, DataCfg(res=pipe.native, shapes_n=pairs, shapes_mix=mix), progress=progress)
     if len(data.train_idx) < 2:
         raise UsageError(f"{data_source} has {len(data.train_idx)} training pairs; the mean prior needs at least 2")
-    t0 = time.time()
     with _bar(progress, len(data.captions), "first estimates") as done:
         targets = first_step_targets(pipe, data.captions, data.images, seed, progress=done)
-    train, held = split(targets, data.holdout)
-    prior = for_pipeline(pipe)
-    with _bar(progress, steps, "mean prior") as done:
-        stats = fit(train, held, prior, steps, batch, lr, seed, progress=done and (lambda k, loss: done(k)))
-    return install(folder, prior, gain, {
-        "data": data_source, "mix": mix, "pairs": len(data.captions), "steps": steps, "batch_size": batch, "lr": lr,
-        "seed": seed, "seconds": round(time.time() - t0, 1), **{k: round(v, 5) for k, v in stats.items()},
-        "versions": versions()})
+    return split(targets, data.holdout)
+
+
+@torch.no_grad()
+def _anchors(pipe, n: int, categories: tuple[str, ...], progress: bool, batch: int = 256) -> tuple[Targets, None]:
+    """The text states of n ShapesWorld captions that name no relation, each with a zero target: a
+    relation-only prior should leave such a caption's first estimate alone. Only the captions are
+    drawn; no image is rendered."""
+    from .sampling import encode_prompts
+    from .shapesworld import ShapesWorld
+
+    if not categories:
+        raise UsageError("--mix leaves no category but position; the relation fit needs captions that name no relation")
+    world = ShapesWorld(n, seed=0, res=pipe.native, categories=categories)
+    captions = [world.scene(i).caption for i in range(n)]
+    states = []
+    with _bar(progress, n, "anchor captions") as done:
+        for i in range(0, n, batch):
+            states.append(encode_prompts(pipe.tokenizer, pipe.text_encoder, captions[i:i + batch]).half())
+            if done:
+                done(min(i + batch, n))
+    c = pipe.fast_unet.config
+    return Targets(torch.cat(states), torch.zeros(n, c.in_channels, c.sample_size, c.sample_size)), None
 
 
 @contextmanager
@@ -276,6 +409,7 @@ def install(folder: Path, prior: MeanPrior, gain: float, record: dict) -> dict:
     record = {"gain": gain, "unet": sub, "unet_hash": model_hash(folder, sub), **record}
     work = folder / f".{FOLDER}.partial"
     shutil.rmtree(work, ignore_errors=True)
+    prior.register_to_config(_name_or_path=FOLDER)  # not the scratch folder it was loaded from
     prior.save_pretrained(work)
     card = _card(folder)
     card["generation"] = {**card.get("generation", {}), "mean_prior": gain}
@@ -285,5 +419,6 @@ def install(folder: Path, prior: MeanPrior, gain: float, record: dict) -> dict:
     return record
 
 
-__all__ = ["FOLDER", "MeanPrior", "Targets", "centred", "first_step_targets", "fit", "for_pipeline",
-           "fit_into", "held_out_error", "install", "layout_shift", "split"]
+__all__ = ["FOLDER", "MeanPrior", "Targets", "Variants", "centred", "contrast", "contrast_error",
+           "first_step_targets", "fit", "for_pipeline", "fit_into", "held_out_error", "install", "layout_shift",
+           "relation_targets", "split"]

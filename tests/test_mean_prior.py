@@ -178,6 +178,11 @@ def test_mean_prior_mistakes_are_one_line(with_prior, carrying, tmp_path, capsys
     assert "needs --data shapesworld" in capsys.readouterr().err
     assert main(["prior", str(with_prior), "--relations", "-1", "--overwrite"]) == 2
     assert "--relations must be at least 0" in capsys.readouterr().err
+    from sfumato.shapesworld.spec import CATEGORIES
+
+    mix = ",".join(f"{c}=0" for c in CATEGORIES if c != "position")
+    assert main(["prior", str(with_prior), "--mix", mix, "--overwrite"]) == 2
+    assert "needs captions that name no relation" in capsys.readouterr().err
 
 
 def test_a_full_model_has_no_first_step_to_move(tmp_path):

@@ -201,9 +201,11 @@ def fit(train: Targets, held: Targets | None, prior: MeanPrior, steps: int, batc
         group_batch: int = 16, plain_scale: float = 1.0) -> dict:
     """Regress the prior on the targets (AdamW, warm-up then cosine). With `variants`, each step also
     takes `group_batch` groups: their plain error plus `weight` times the error of the prior's contrast
-    against theirs (the first 5 % of groups held out). Returns the mean squared errors of the last
-    10 % of steps and on the held-out targets, each against the zero layout's: the share of a pair's
-    residual the prior explains is small, since one pair's residual is mostly its own placement."""
+    against theirs (the first 5 % of groups held out). `plain_scale` scales the pairs' targets and the
+    groups' shared part (0: the relation's contrast alone, the pairs held at zero). Returns the mean
+    squared errors of the last 10 % of steps and on the held-out targets, each against the zero
+    layout's: the share of a pair's residual the prior explains is small, since one pair's residual is
+    mostly its own placement."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(prior.parameters(), lr=lr, weight_decay=0.01)
@@ -317,9 +319,11 @@ def fit_into(model: str | Path, data_source: str = "shapesworld", pairs: int = 1
         if value < low:
             raise UsageError(f"{name} must be at least {low}, got {value}")
     try:
-        categories = mix_categories(mix)
+        anchored = tuple(c for c in mix_categories(mix) if c != "position")
     except ValueError as e:
         raise UsageError(f"--mix: {e}") from None
+    if relations and not anchored:
+        raise UsageError("--mix leaves no category but position; the relation fit needs captions that name no relation")
     out = folder / FOLDER
     if out.exists() and not overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to fit it again")
@@ -331,7 +335,7 @@ def fit_into(model: str | Path, data_source: str = "shapesworld", pairs: int = 1
                          f"with `sfumato distill {folder} --attach`")
     t0 = time.time()
     if relations:
-        train, held = _anchors(pipe, pairs, tuple(c for c in categories if c != "position"), progress)
+        train, held = _anchors(pipe, pairs, anchored, progress)
         with _bar(progress, relations, "relation variants") as done:
             variants = relation_targets(pipe, relations, seed, progress=done)
     else:
@@ -369,8 +373,6 @@ def _anchors(pipe, n: int, categories: tuple[str, ...], progress: bool, batch: i
     from .sampling import encode_prompts
     from .shapesworld import ShapesWorld
 
-    if not categories:
-        raise UsageError("--mix leaves no category but position; the relation fit needs captions that name no relation")
     world = ShapesWorld(n, seed=0, res=pipe.native, categories=categories)
     captions = [world.scene(i).caption for i in range(n)]
     states = []
